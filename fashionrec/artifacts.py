@@ -1,0 +1,106 @@
+"""Small helpers shared by every stage that writes or reads an artefact.
+
+* atomic writes: a file is written under a temporary name beside its target and
+  renamed over it only when complete, so an interrupted run never leaves a
+  half-written file that a later command trusts;
+* run metadata: which versions and when;
+* StandardScaler parameters as plain arrays (no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata as _im
+from pathlib import Path
+
+import numpy as np
+from sklearn.preprocessing import StandardScaler
+
+from .errors import FashionrecError
+
+_PACKAGES = ("fashionrec", "keras", "tensorflow", "numpy", "scikit-learn", "scipy", "h5py")
+
+
+@contextlib.contextmanager
+def atomic_path(target, suffix=None):
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    ``suffix`` keeps an extension that a writer insists on (Keras wants ``.keras``).
+    On any exception the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path, what="file"):
+    """Read JSON, turning a missing or corrupt file into a one-line error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FashionrecError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise FashionrecError(f"{what} {path} is unreadable or corrupt ({exc})") from None
+
+
+def package_versions():
+    """Versions of the packages that shape a run's numbers."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = _im.version(name)
+        except _im.PackageNotFoundError:
+            out[name] = None
+    try:
+        import keras
+
+        out["keras_backend"] = keras.backend.backend()
+    except ImportError:  # pragma: no cover - keras is a hard dependency
+        out["keras_backend"] = None
+    return out
+
+
+def now_iso():
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def scaler_to_arrays(scaler):
+    """The fitted state of a StandardScaler as float64 arrays."""
+    return {
+        "mean": np.asarray(scaler.mean_, dtype=np.float64),
+        "scale": np.asarray(scaler.scale_, dtype=np.float64),
+        "var": np.asarray(scaler.var_, dtype=np.float64),
+        "n_samples_seen": np.asarray(scaler.n_samples_seen_, dtype=np.int64),
+    }
+
+
+def scaler_from_arrays(arrays):
+    """Rebuild a fitted StandardScaler from :func:`scaler_to_arrays` output."""
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(arrays["mean"], dtype=np.float64)
+    scaler.scale_ = np.asarray(arrays["scale"], dtype=np.float64)
+    scaler.var_ = np.asarray(arrays["var"], dtype=np.float64)
+    scaler.n_samples_seen_ = int(np.asarray(arrays["n_samples_seen"]))
+    scaler.n_features_in_ = scaler.mean_.shape[0]
+    return scaler

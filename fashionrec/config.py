@@ -1,0 +1,129 @@
+"""Run configuration (the seed recipe's defaults) and where to look for local files."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FashionrecError
+
+DATASET_NAMES = ("fashion_mnist", "mnist")
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what a run computes.
+
+    The defaults are the reference recipe: ResNet50 (ImageNet) at 224 px, the
+    first 15,000 training images for the head, the first 5,000 test images as the
+    catalog, 32 epochs of batch 64 with a 0.2 validation split.
+
+    Args:
+        dataset: ``"fashion_mnist"`` or ``"mnist"``.
+        data_dir: a folder searched first for the dataset's IDX files.
+        n_train: training images (from the start of the training split) for the head.
+        n_reco: test images (from the start of the test split) that form the catalog.
+        image_size: side in pixels the 28x28 images are resized to for the backbone.
+        epochs, batch_size, learning_rate, dropout, validation_split: head training.
+        backbone: ``"resnet50"`` or the path of a saved ``.keras`` model that maps an
+            ``(N, H, W, 3)`` batch (``preprocess_input`` applied) to ``(N, D)`` vectors.
+        weights: ``"imagenet"``, ``"none"`` (random, seeded) or a Keras weights file.
+        extract_batch_size: images per backbone call during feature extraction.
+        seed: seeds weight init, dropout and shuffling.
+    """
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    n_train: int = 15000
+    n_reco: int = 5000
+    image_size: int = 224
+    epochs: int = 32
+    batch_size: int = 64
+    learning_rate: float = 4e-4
+    dropout: float = 0.7
+    validation_split: float = 0.2
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    extract_batch_size: int = 32
+    seed: int = 1234
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise :class:`FashionrecError` naming the first bad value."""
+        if self.dataset not in DATASET_NAMES:
+            raise FashionrecError(
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
+            )
+        for name, low in (
+            ("n_train", 2),
+            ("n_reco", 1),
+            ("image_size", 32),
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("extract_batch_size", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise FashionrecError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise FashionrecError(
+                f"validation_split must be in [0, 1), got {self.validation_split!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise FashionrecError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.learning_rate > 0:
+            raise FashionrecError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.backbone != "resnet50":
+            path = Path(self.backbone)
+            if path.suffix != ".keras":
+                raise FashionrecError(
+                    f"backbone must be 'resnet50' or a saved .keras model, got {self.backbone!r}"
+                )
+            if not path.is_file():
+                raise FashionrecError(f"backbone file {self.backbone} does not exist")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise FashionrecError(
+                f"weights must be 'imagenet', 'none' or an existing weights file, "
+                f"got {self.weights!r}"
+            )
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise FashionrecError(f"data_dir {self.data_dir} is not a folder")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def project_roots():
+    """Folders that play the part of "the project": the working directory and,
+    for an editable/source install, the checkout that holds this package."""
+    roots = [Path.cwd()]
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and checkout not in roots:
+        roots.append(checkout)
+    return roots
+
+
+def shared_dirs():
+    """``../shared`` beside the project (the offline mirror), where present.
+
+    ``FASHIONREC_SHARED`` names it explicitly.
+    """
+    found = []
+    env = os.environ.get("FASHIONREC_SHARED")
+    candidates = [Path(env)] if env else []
+    candidates += [root.parent / "shared" for root in project_roots()]
+    for c in candidates:
+        c = c.resolve()
+        if c.is_dir() and c not in found:
+            found.append(c)
+    return found

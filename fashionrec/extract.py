@@ -1,0 +1,371 @@
+"""Stage 2 — extract: a frozen backbone turns images into feature vectors.
+
+The default backbone is Keras's ResNet50 (``include_top=False, pooling='avg'``,
+2048-d) with the official ImageNet weights from Keras's cache or a checked
+download. Where those cannot be had and ``../shared/models`` holds the stage-4
+ImageNet ResNet50 (1024-d), that stand-in is used instead and the run says so.
+
+Extraction is batched and streamed: each batch of 28x28 images is resized,
+turned RGB and preprocessed on its own, so peak memory does not grow with the
+number of images; features can be streamed straight into HDF5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_path
+from .config import shared_dirs
+from .errors import FashionrecError
+
+WEIGHTS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+# The official Keras ResNet50 no-top weights and their published MD5 (the hash
+# keras.applications itself checks).
+IMAGENET_NOTOP = ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                  "a268eb855778b3df3c7506639542a6af")
+STANDIN_NAME = "resnet50_conv4_imagenet.keras"
+STANDIN_SHA256 = "544665033561ee1f8eee3c8928e289ad71e2691e54c9135d1b80213f24dd3ef8"
+
+
+@dataclass
+class BackboneInfo:
+    """What made the features: enough to rebuild the same backbone elsewhere."""
+
+    backbone: str  # "resnet50" or "custom"
+    weights: str  # "imagenet", "none", "file" or "saved-model"
+    path: str | None  # weights file or saved model used, if any
+    sha256: str | None  # of that file
+    feature_dim: int
+    image_size: int
+    seed: int | None = None
+    note: str = ""  # e.g. why the stand-in was used
+
+    @property
+    def fingerprint(self):
+        """A short id of the function images -> features (for caches)."""
+        key = json.dumps([self.backbone, self.weights, self.sha256, self.seed,
+                          self.image_size, self.feature_dim])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def describe(self):
+        what = {"resnet50": "ResNet50", "custom": f"custom backbone {self.path}"}[self.backbone]
+        weights = {
+            "imagenet": "ImageNet weights",
+            "none": f"random weights (seed {self.seed})",
+            "file": f"weights from {self.path}",
+            "saved-model": "weights saved in the model",
+        }[self.weights]
+        return f"{what}, {weights}, {self.feature_dim}-d features at {self.image_size} px"
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_imagenet_weights(cache_dir=None, timeout=30):
+    """Path of the official ResNet50 no-top ImageNet weights.
+
+    Uses Keras's cache (``~/.keras/models``) when the file there has the published
+    hash, else downloads it with ``keras.utils.get_file`` and checks the hash.
+    Raises :class:`FashionrecError` if neither works.
+    """
+    from keras.utils import get_file
+
+    fname, md5 = IMAGENET_NOTOP
+    if cache_dir is not None:  # get_file falls back to /tmp for a folder it cannot write
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        return Path(get_file(fname, WEIGHTS_BASE_URL + fname, file_hash=md5,
+                             cache_subdir="models", cache_dir=cache_dir))
+    except Exception as exc:  # urllib, hash and OS errors all mean "not available"
+        raise FashionrecError(
+            f"ImageNet weights {fname} are not in Keras's cache and could not be "
+            f"downloaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def find_standin():
+    """The stage-4 ImageNet ResNet50 in ``../shared/models``, if present."""
+    for shared in shared_dirs():
+        path = shared / "models" / STANDIN_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def _check_vector_model(model, source, image_size):
+    shape = tuple(model.output_shape) if not isinstance(model.output_shape, list) else None
+    if shape is None or len(shape) != 2 or shape[1] is None:
+        raise FashionrecError(
+            f"backbone {source} outputs {model.output_shape}, not one feature vector "
+            f"per image; end it with a pooling or flatten layer"
+        )
+    in_shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else ()
+    if len(in_shape) != 4 or in_shape[-1] != 3:
+        raise FashionrecError(
+            f"backbone {source} takes input {model.input_shape}; it must take (N, H, W, 3)"
+        )
+    if in_shape[1] not in (None, image_size) or in_shape[2] not in (None, image_size):
+        raise FashionrecError(
+            f"backbone {source} takes {in_shape[1]}x{in_shape[2]} images, "
+            f"not the {image_size} px asked for"
+        )
+    return int(shape[1])
+
+
+def _load_saved_backbone(path, image_size):
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise FashionrecError(
+            f"cannot load backbone {path} as a Keras model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    return model, _check_vector_model(model, path, image_size)
+
+
+def _resnet50(weights, image_size, seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    try:
+        return keras.applications.ResNet50(
+            include_top=False, pooling="avg", weights=weights,
+            input_shape=(image_size, image_size, 3),
+        )
+    except (ValueError, OSError) as exc:
+        raise FashionrecError(
+            f"cannot load ResNet50 weights from {weights}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed=1234,
+                   cache_dir=None, allow_standin=True, log=print):
+    """Build the backbone a run asks for; return ``(model, BackboneInfo)``.
+
+    Args:
+        backbone: ``"resnet50"`` or the path of a saved ``.keras`` model mapping
+            ``(N, H, W, 3)`` to ``(N, D)``.
+        weights: ``"imagenet"``, ``"none"`` (random, seeded by ``seed``) or the
+            path of a Keras weights file (ResNet50 only, or loaded into the model).
+        image_size: input side in pixels.
+        cache_dir: Keras cache folder for the ImageNet weights (default ``~/.keras``).
+        allow_standin: with ``backbone="resnet50", weights="imagenet"``, fall back to
+            ``../shared/models/resnet50_conv4_imagenet.keras`` when the official
+            weights are unavailable.
+        log: where to say which backbone is used (``None`` for silence).
+
+    Example:
+        >>> model, info = build_backbone(weights="none", image_size=32)  # doctest: +SKIP
+        >>> info.feature_dim
+        2048
+    """
+    say = log or (lambda *_: None)
+    if backbone != "resnet50":
+        path = Path(backbone)
+        if not path.is_file():
+            raise FashionrecError(f"backbone file {backbone} does not exist")
+        if weights == "none":
+            raise FashionrecError("--weights none applies to --backbone resnet50 only")
+        model, dim = _load_saved_backbone(path, image_size)
+        if weights == "imagenet":
+            info = BackboneInfo("custom", "saved-model", str(path.resolve()), _sha256(path),
+                                dim, image_size)
+        else:
+            try:
+                model.load_weights(weights)
+            except Exception as exc:
+                raise FashionrecError(f"cannot load weights {weights} into {backbone}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+            info = BackboneInfo("custom", "file", str(Path(weights).resolve()),
+                                _sha256(weights), dim, image_size)
+        say(f"backbone: {info.describe()}")
+        return model, info
+
+    if weights == "none":
+        model = _resnet50(None, image_size, seed)
+        info = BackboneInfo("resnet50", "none", None, None, 2048, image_size, seed=seed)
+    elif weights == "imagenet":
+        try:
+            path = fetch_imagenet_weights(cache_dir)
+        except FashionrecError as exc:
+            standin = find_standin() if allow_standin else None
+            if standin is None:
+                looked = ", ".join(str(s / "models") for s in shared_dirs()) or "no ../shared"
+                raise FashionrecError(
+                    f"{exc}; no stand-in {STANDIN_NAME} found ({looked}). Ways forward: "
+                    f"put {IMAGENET_NOTOP[0]} in ~/.keras/models/, or pass --weights none "
+                    f"(random), --weights PATH (a weights file) or --backbone PATH.keras"
+                ) from None
+            model, dim = _load_saved_backbone(standin, image_size)
+            note = (f"official ResNet50 ImageNet weights unavailable ({exc}); using the "
+                    f"stage-4 ImageNet ResNet50 stand-in {standin} ({dim}-d) instead")
+            say(f"NOTE: {note}")
+            info = BackboneInfo("custom", "saved-model", str(standin), _sha256(standin),
+                                dim, image_size, note=note)
+            say(f"backbone: {info.describe()}")
+            return model, info
+        model = _resnet50(str(path), image_size, seed)
+        info = BackboneInfo("resnet50", "imagenet", str(path), IMAGENET_NOTOP[1], 2048,
+                            image_size)
+    else:
+        model = _resnet50(str(weights), image_size, seed)
+        info = BackboneInfo("resnet50", "file", str(Path(weights).resolve()),
+                            _sha256(weights), 2048, image_size)
+    say(f"backbone: {info.describe()}")
+    return model, info
+
+
+def rebuild_backbone(info, log=None):
+    """Rebuild exactly the backbone described by ``info`` (as saved with a run);
+    refuse if the file it came from has changed."""
+    if info.backbone == "resnet50" and info.weights == "none":
+        model = _resnet50(None, info.image_size, info.seed)
+    elif info.backbone == "resnet50":
+        path = info.path if info.weights == "file" else str(fetch_imagenet_weights())
+        if info.weights == "file":
+            _check_same_file(path, info.sha256)
+        model = _resnet50(path, info.image_size, info.seed or 0)
+    else:
+        _check_same_file(info.path, info.sha256)
+        if info.weights == "saved-model":
+            model, _ = _load_saved_backbone(Path(info.path), info.image_size)
+        else:
+            raise FashionrecError("this run's custom backbone with a separate weights file "
+                                  "cannot be rebuilt; re-run training")
+    if log:
+        log(f"backbone: {info.describe()}")
+    return model
+
+
+def _check_same_file(path, sha256):
+    if not Path(path).is_file():
+        raise FashionrecError(f"the run's backbone file {path} is gone; restore it or re-train")
+    if _sha256(path) != sha256:
+        raise FashionrecError(f"the run's backbone file {path} has changed since training; "
+                              f"restore it or re-train")
+
+
+def to_model_input(images, image_size):
+    """A batch of images (``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)``, 0-255)
+    resized to ``image_size``, gray turned RGB, and ``preprocess_input`` applied."""
+    import keras
+    from keras.applications.resnet50 import preprocess_input
+
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise FashionrecError(f"images must be (N, H, W[, 1 or 3]), got {np.shape(images)}")
+    if x.shape[1:3] != (image_size, image_size):
+        x = keras.ops.image.resize(x, (image_size, image_size), interpolation="bilinear")
+    if x.shape[-1] == 1:
+        x = keras.ops.repeat(x, 3, axis=-1)
+    return preprocess_input(x)
+
+
+class FeatureExtractor:
+    """Images in, feature vectors out, one batch at a time.
+
+    Args:
+        model: the backbone (``(N, S, S, 3)`` -> ``(N, D)``).
+        info: its :class:`BackboneInfo`.
+        batch_size: images per backbone call.
+
+    Example:
+        >>> ext = FeatureExtractor(*build_backbone(weights="none", image_size=32))  # doctest: +SKIP
+        >>> ext.transform(np.zeros((5, 28, 28), np.uint8)).shape                    # doctest: +SKIP
+        (5, 2048)
+    """
+
+    def __init__(self, model, info, batch_size=32):
+        self.model = model
+        self.info = info
+        self.batch_size = batch_size
+
+    def iter_batches(self, images, progress=False, desc="extract"):
+        """Yield ``(start, features)`` for consecutive batches of ``images``."""
+        n = len(images)
+        with tqdm(total=n, unit="img", desc=desc, disable=not progress,
+                  smoothing=0.1, dynamic_ncols=True) as bar:
+            for start in range(0, n, self.batch_size):
+                batch = images[start:start + self.batch_size]
+                x = to_model_input(batch, self.info.image_size)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    feats = self.model.predict_on_batch(x)
+                yield start, np.asarray(feats, dtype=np.float32)
+                bar.update(len(batch))
+
+    def transform(self, images, progress=False):
+        """Features of all ``images`` as a ``(N, D)`` float32 array."""
+        out = np.empty((len(images), self.info.feature_dim), dtype=np.float32)
+        for start, feats in self.iter_batches(images, progress):
+            out[start:start + len(feats)] = feats
+        return out
+
+    def transform_to_h5(self, images, path, attrs=None, progress=True, desc="extract"):
+        """Stream the features of ``images`` into dataset ``features`` of the HDF5
+        file ``path`` (written atomically); memory stays one batch deep."""
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                dset = f.create_dataset("features", (len(images), self.info.feature_dim),
+                                        dtype="float32")
+                for key, value in (attrs or {}).items():
+                    f.attrs[key] = value
+                for start, feats in self.iter_batches(images, progress, desc):
+                    dset[start:start + len(feats)] = feats
+        return Path(path)
+
+
+def cached_features(extractor, images, cache_dir, name, progress=True):
+    """Features of ``images``, cached in ``cache_dir/<name>-<fingerprint>.h5``.
+
+    The cache is reused when it was made by the same backbone from the very same
+    images (SHA-256 of the pixels), so re-training the head does not re-extract.
+    """
+    path = Path(cache_dir) / f"{name}-{extractor.info.fingerprint}.h5"
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+    if path.is_file():
+        try:
+            with h5py.File(path, "r") as f:
+                if (f.attrs.get("fingerprint") == extractor.info.fingerprint
+                        and f.attrs.get("images_sha256") == digest
+                        and f["features"].shape == (len(images), extractor.info.feature_dim)):
+                    return f["features"][:]
+        except (OSError, KeyError):
+            pass  # unreadable cache: rebuild it below
+    extractor.transform_to_h5(
+        images, path, progress=progress, desc=f"extract {name}",
+        attrs={"fingerprint": extractor.info.fingerprint,
+               "backbone": json.dumps(extractor.info.to_dict()),
+               "images_sha256": digest},
+    )
+    with h5py.File(path, "r") as f:
+        return f["features"][:]

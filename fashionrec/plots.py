@@ -1,0 +1,61 @@
+"""Figures people would rather look at: training curves and recommendation grids.
+
+Uses matplotlib's non-interactive Agg canvas; every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .artifacts import atomic_path
+
+
+def _save(fig, path):
+    FigureCanvasAgg(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_history(history, path, title="head training"):
+    """Accuracy and loss per epoch, train and validation, side by side."""
+    fig = Figure(figsize=(10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("accuracy", "loss"), strict=True):
+        epochs = range(1, len(history.get(metric, [])) + 1)
+        ax.plot(epochs, history.get(metric, []), label=f"train {metric}", marker=".")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}", marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title}: {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_recommendation(recommendation, query_image, catalog_images, path):
+    """The query beside its recommended items, each titled with class and distance.
+
+    Args:
+        recommendation: a :class:`~fashionrec.recommend.Recommendation`.
+        query_image: the query as a 2-D array.
+        catalog_images: callable or array giving an item's image by catalog row id.
+    """
+    items = recommendation.items
+    q = recommendation.query
+    fig = Figure(figsize=(1.9 * (len(items) + 1), 2.6))
+    axes = fig.subplots(1, len(items) + 1, squeeze=False)[0]
+    if q["kind"] == "test_index":
+        qtitle = f"query #{q['test_index']}\n{q['true_class']}\n(pred. {q['predicted_class']})"
+    else:
+        qtitle = f"query\n(pred. {q['predicted_class']})"
+    axes[0].imshow(query_image, cmap="gray")
+    axes[0].set_title(qtitle, fontsize=8, color="tab:blue")
+    for ax, item in zip(axes[1:], items, strict=True):
+        ax.imshow(catalog_images(item.id), cmap="gray")
+        ax.set_title(f"#{item.id}\n{item.class_name}\nd={item.distance:.2f}", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
