@@ -100,9 +100,10 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
         return Path(get_file(fname, WEIGHTS_BASE_URL + fname, file_hash=md5,
                              cache_subdir="models", cache_dir=cache_dir))
     except Exception as exc:  # urllib, hash and OS errors all mean "not available"
+        reason = str(exc).split(" -- ")[-1].strip() or type(exc).__name__
         raise FashionrecError(
             f"ImageNet weights {fname} are not in Keras's cache and could not be "
-            f"downloaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"downloaded ({reason})"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
@@ -278,7 +279,7 @@ def to_model_input(images, image_size):
     import keras
     from keras.applications.resnet50 import preprocess_input
 
-    x = np.asarray(images, dtype=np.float32)
+    x = np.array(images, dtype=np.float32)  # a copy: preprocess_input works in place
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):

@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from fashionrec.cli import main
+
+
+def test_train_then_recommend_then_plot(tmp_path, fmnist_dir, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", "--data-dir", str(fmnist_dir), "--n-train", "40", "--n-reco", "20",
+               "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--weights", "none",
+               "--run-dir", str(run), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("run.json", "head.keras", "index.h5", "curves.png"):
+        assert name in out
+    assert (run / "plots" / "curves.png").stat().st_size > 0
+
+    assert main(["recommend", "--run-dir", str(run), "--idx", "5033"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("query: test image 5033 (true: ")
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 6
+    assert (run / "plots" / "recommend-idx5033.png").is_file()
+
+    assert main(["recommend", "--run-dir", str(run), "--idx", "3", "--k", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["items"]) == 4 and data["query"]["test_index"] == 3
+    assert 3 not in [i["id"] for i in data["items"]]
+    assert set(data["items"][0]) == {"rank", "id", "label", "class_name", "distance"}
+
+    out_png = tmp_path / "c.png"
+    assert main(["plot", "--run-dir", str(run), "--out", str(out_png)]) == 0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+    # user errors: one line on stderr, non-zero exit
+    assert main(["recommend", "--run-dir", str(run), "--idx", "10000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: test index 10000 is out of range") and err.count("\n") == 1
+
+    (run / "junk.png").write_text("junk")
+    assert main(["recommend", "--run-dir", str(run), "--image", str(run / "junk.png")]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot read image")
+
+    with h5py.File(run / "index.h5", "w") as f:  # foreign HDF5 in place of the index
+        f["x"] = [1]
+    assert main(["recommend", "--run-dir", str(run), "--idx", "1"]) == 1
+    assert "not a fashionrec index" in capsys.readouterr().err
+
+
+def test_no_run_yet(tmp_path, capsys):
+    assert main(["recommend", "--run-dir", str(tmp_path), "--idx", "1"]) == 1
+    assert "run `make train` first" in capsys.readouterr().err
+    assert main(["plot", "--run-dir", str(tmp_path)]) == 1
+    assert "run `make train` first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "0"], "must be >= 1"),
+    (["train", "--image-size", "16", "--weights", "none"], "image_size must be an integer >= 32"),
+    (["train", "--dataset", "cifar"], "invalid choice"),
+    (["train", "--weights", "missing.h5"], "weights must be"),
+    (["train", "--backbone", "missing.keras"], "does not exist"),
+    (["recommend", "--idx", "x"], "invalid int value"),
+])
+def test_bad_options_are_one_line(argv, message, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and err.count("\n") == 1
+
+
+def test_console_script_errors_have_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fashionrec", "recommend", "--run-dir",
+                           str(tmp_path), "--idx", "1"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no trained run")
