@@ -16,12 +16,13 @@ BACKBONE   ?= resnet50
 RUN_DIR    ?= runs/default
 IDX        ?= 5033
 K          ?= 6
+N_HELDOUT  ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
-.PHONY: install train recommend plot test lint bench clean
+.PHONY: install train recommend evaluate plot test lint bench clean
 
 install: $(STAMP)
 
@@ -38,6 +39,9 @@ train: $(STAMP)
 
 recommend: $(STAMP)
 	$(BIN)/fashionrec recommend --run-dir $(RUN_DIR) --idx $(IDX) --k $(K)
+
+evaluate: $(STAMP)
+	$(BIN)/fashionrec evaluate --run-dir $(RUN_DIR) $(if $(N_HELDOUT),--n-heldout $(N_HELDOUT))
 
 plot: $(STAMP)
 	$(BIN)/fashionrec plot --run-dir $(RUN_DIR)

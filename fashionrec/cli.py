@@ -1,4 +1,4 @@
-"""``fashionrec train | recommend | plot`` — a thin layer over the library.
+"""``fashionrec train | recommend | evaluate | plot`` — a thin layer over the library.
 
 Every user error is one line on stderr and a non-zero exit code.
 """
@@ -29,6 +29,16 @@ def _positive(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value
 
 
@@ -82,6 +92,19 @@ def build_parser():
     r.add_argument("--out", default=None,
                    help="PNG to write (default: RUN_DIR/plots/recommend-<query>.png)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    e = sub.add_parser("evaluate", help="retrieval quality and head accuracy of a trained run",
+                       description="Score a run: every catalog item as a query (leave-one-out) "
+                                   "and held-out test images as queries; precision@k, "
+                                   "recall@k, mAP@10, 1-NN accuracy, per class; the head's "
+                                   "accuracy and confusion matrix.")
+    e.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                   help="the trained run (default: %(default)s)")
+    e.add_argument("--n-heldout", type=_non_negative, default=None,
+                   help="held-out queries: test images after the catalog (default: all)")
+    e.add_argument("--out", default=None,
+                   help="JSON to write (default: RUN_DIR/evaluation.json)")
+    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     pl = sub.add_parser("plot", help="training accuracy and loss curves as PNG",
                         description="Plot the head's accuracy and loss curves.")
@@ -142,6 +165,25 @@ def cmd_recommend(args):
     return 0
 
 
+def cmd_evaluate(args):
+    from .artifacts import write_json
+    from .evaluate import evaluate, format_table
+    from .plots import plot_confusion, plot_per_class
+    from .recommend import Recommender
+
+    run_dir = Path(args.run_dir)
+    rec = Recommender.load(run_dir)
+    result = evaluate(rec, n_heldout=args.n_heldout, cache_dir=run_dir / "features",
+                      progress=not args.no_progress)
+    out = Path(args.out) if args.out else run_dir / "evaluation.json"
+    write_json(out, result)
+    print(format_table(result))
+    print(f"json:       {out}")
+    print(f"per class:  {plot_per_class(result, run_dir / 'plots' / 'per_class.png')}")
+    print(f"confusion:  {plot_confusion(result, run_dir / 'plots' / 'confusion.png')}")
+    return 0
+
+
 def cmd_plot(args):
     from .artifacts import read_json
     from .plots import plot_history
@@ -155,7 +197,8 @@ def cmd_plot(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "evaluate": cmd_evaluate,
+            "plot": cmd_plot}
 
 
 def main(argv=None):

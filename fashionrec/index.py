@@ -28,8 +28,8 @@ FORMAT = "fashionrec-index"
 FORMAT_VERSION = 1
 
 
-def knn_search(queries, vectors, k, exclude=None, block_size=65536):
-    """Exact k nearest neighbours by Euclidean distance, in blocks of catalog rows.
+def knn_search(queries, vectors, k, exclude=None, block_size=8192, query_block=1024):
+    """Exact k nearest neighbours by Euclidean distance, in blocks.
 
     Args:
         queries: ``(M, D)`` array.
@@ -37,27 +37,39 @@ def knn_search(queries, vectors, k, exclude=None, block_size=65536):
         k: neighbours per query (capped at the number of candidates).
         exclude: optional ``(M,)`` row numbers (``-1`` for none) each query must not
             get back, e.g. the query's own row when it is in the catalog.
-        block_size: catalog rows compared at a time; memory is ``O(M * block_size)``,
-            never ``O(N^2)``.
+        block_size, query_block: catalog rows and queries compared at a time; memory
+            is ``O(query_block * block_size)``, never ``O(M * N)``.
 
     Returns:
-        ``(rows, distances)``, both ``(M, k)``, nearest first; ties go to the lower row.
+        ``(rows, distances)``, both ``(M, k)``, nearest first; equal distances are
+        listed by row.
     """
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float64))
-    n = vectors.shape[0]
-    m = queries.shape[0]
+    n, m = vectors.shape[0], queries.shape[0]
     k = int(min(k, n - (exclude is not None)))
     if k < 1:
         raise FashionrecError("the catalog has too few items for this query")
+    exclude = None if exclude is None else np.asarray(exclude, dtype=np.int64)
+    rows = np.empty((m, k), dtype=np.int64)
+    dists = np.empty((m, k))
+    for q0 in range(0, m, query_block):
+        q = queries[q0:q0 + query_block]
+        ex = None if exclude is None else exclude[q0:q0 + query_block]
+        rows[q0:q0 + len(q)], dists[q0:q0 + len(q)] = _knn_block(q, vectors, k, ex, block_size)
+    return rows, dists
+
+
+def _knn_block(queries, vectors, k, exclude, block_size):
+    m = len(queries)
     best_d = np.full((m, 0), np.inf)
     best_i = np.zeros((m, 0), dtype=np.int64)
-    for start in range(0, n, block_size):
+    for start in range(0, vectors.shape[0], block_size):
         block = np.asarray(vectors[start:start + block_size], dtype=np.float64)
         d = cdist(queries, block)
         if exclude is not None:
-            rows = np.asarray(exclude) - start
-            hit = (rows >= 0) & (rows < len(block))
-            d[np.nonzero(hit)[0], rows[hit]] = np.inf
+            local = exclude - start
+            hit = (local >= 0) & (local < len(block))
+            d[np.nonzero(hit)[0], local[hit]] = np.inf
         cand_d = np.concatenate([best_d, d], axis=1)
         cand_i = np.concatenate(
             [best_i, np.broadcast_to(np.arange(start, start + len(block)), d.shape)], axis=1)
@@ -120,7 +132,11 @@ class CatalogIndex:
         if exclude_ids is not None:
             exclude = np.array([-1 if (r := self.row_of(i)) is None else r
                                 for i in np.atleast_1d(exclude_ids)], dtype=np.int64)
-        return knn_search(vectors, self.vectors, k, exclude)
+        return self.search_rows(vectors, k, exclude)
+
+    def search_rows(self, vectors, k=6, exclude_rows=None):
+        """Like :meth:`search`, excluding catalog rows (``-1``: none) instead of ids."""
+        return knn_search(vectors, self.vectors, k, exclude_rows)
 
     def save(self, path):
         """Write the index to ``path`` atomically."""

@@ -59,3 +59,42 @@ def plot_recommendation(recommendation, query_image, catalog_images, path):
         ax.set_xticks([])
         ax.set_yticks([])
     return _save(fig, path)
+
+
+def plot_per_class(result, path, metric="precision@6"):
+    """Bar chart of ``metric`` per class for each query set of an evaluation."""
+    import numpy as np
+
+    sets = [s for s in ("catalog_loo", "heldout") if s in result]
+    labels = {"catalog_loo": "catalog leave-one-out", "heldout": "held-out queries"}
+    names = result["head"]["class_names"]
+    fig = Figure(figsize=(10, 4))
+    ax = fig.subplots()
+    width = 0.8 / len(sets)
+    x = np.arange(len(names))
+    for i, s in enumerate(sets):
+        values = [result[s]["per_class"].get(n, {}).get(metric, np.nan) for n in names]
+        ax.bar(x + (i - (len(sets) - 1) / 2) * width, values, width, label=labels[s])
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per class")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion(result, path):
+    """The head's confusion matrix on the evaluated test images."""
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    head = result["head"]
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(np.array(head["confusion_matrix"]),
+                           display_labels=head["class_names"]).plot(
+        ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
+    ax.set_title(f"head confusion matrix ({head['n_images']} test images, "
+                 f"accuracy {head['accuracy']:.3f})")
+    return _save(fig, path)

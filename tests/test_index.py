@@ -24,8 +24,8 @@ def test_blocked_search_equals_brute_force():
     V, Q = rng.normal(size=(500, 8)), rng.normal(size=(7, 8))
     brute = np.sqrt(((Q[:, None, :] - V[None]) ** 2).sum(-1))
     expect = np.argsort(brute, axis=1, kind="stable")[:, :10]
-    for block in (13, 64, 10_000):
-        rows, d = knn_search(Q, V, k=10, block_size=block)
+    for block, qblock in ((13, 2), (64, 5), (10_000, 1024)):
+        rows, d = knn_search(Q, V, k=10, block_size=block, query_block=qblock)
         assert np.array_equal(rows, expect)
         np.testing.assert_allclose(d, np.take_along_axis(brute, expect, axis=1))
 
