@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
-.PHONY: install train recommend evaluate plot test lint bench clean
+.PHONY: install train recommend evaluate plot test lint bench experiments clean
 
 install: $(STAMP)
 
@@ -53,7 +53,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_extract.py
+	$(BIN)/python experiments/bench_extract.py --sizes 32,64,112,224
+	$(BIN)/python experiments/bench_query.py
+
+experiments: $(STAMP)
+	$(BIN)/python experiments/features.py --size 224
+	$(BIN)/python experiments/quality.py all
 
 clean:
 	rm -rf $(RUN_DIR) .pytest_cache

@@ -1,9 +1,13 @@
 """Feature-extraction benchmark: the seed's one-image-per-``predict`` loop against
-fashionrec's batched, streamed extractor, on the same images in the same run, plus
-peak memory of streaming extraction as the number of images grows.
+fashionrec's batched, streamed extractor, on the same images in the same run, at each
+image size; the achieved rate as a fraction of this machine's measured float32
+matrix-multiply peak; and peak memory of streaming extraction as the image count grows.
 
-    python experiments/bench_extract.py                 # speed (224 px) + memory sweep
-    python experiments/bench_extract.py --full-memory   # also all 70,000 images at 224 px
+    python experiments/bench_extract.py                        # 224 px + memory sweep
+    python experiments/bench_extract.py --sizes 32,64,112,224  # every size (make bench)
+
+All 70,000 images at 224 px are extracted (and their peak memory recorded) by
+``experiments/features.py``, whose features the quality experiments reuse.
 
 Writes experiments/results/bench_extract.{json,md}.
 """
@@ -14,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+from fashionrec.artifacts import peak_rss_mb  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -42,34 +47,94 @@ def seed_loop(model, images, image_size):
     return np.array(feats)
 
 
-def speed(args):
-    from fashionrec import FeatureExtractor, build_backbone, load_dataset
+def matmul_peak_gflops(n=2048, repeats=5):
+    """Best float32 matmul rate (GFLOP/s) of NumPy's BLAS and of the Keras backend."""
+    import keras
 
-    ds = load_dataset("fashion_mnist")
-    images = ds.x_test[: args.n_batched]
-    model, info = build_backbone(args.backbone, args.weights, args.image_size)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = keras.ops.convert_to_tensor(a), keras.ops.convert_to_tensor(b)
+    best = {}
+    for name, fn in (("numpy", lambda: a @ b),
+                     ("keras", lambda: keras.ops.convert_to_numpy(keras.ops.matmul(ta, tb)))):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        best[name] = 2 * n**3 / min(times) / 1e9
+    return best
+
+
+def backbone_gmacs(model, image_size):
+    """Multiply-accumulates of the backbone's conv and dense layers for one image."""
+    import keras
+
+    layers = [layer for layer in model.layers
+              if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense)]
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    outs = probe.predict_on_batch(np.zeros((1, image_size, image_size, 3), np.float32))
+    macs = 0
+    for layer, out in zip(layers, outs, strict=True):
+        kernel = layer.kernel.shape  # (kh, kw, cin, cout) or (cin, cout)
+        macs += int(np.prod(out.shape[1:-1])) * int(np.prod(kernel))
+    return macs / 1e9
+
+
+def as_mixed_bfloat16(model):
+    """The same network with Keras's ``mixed_bfloat16`` policy (bf16 compute, fp32 weights)."""
+    import keras
+
+    cfg = model.get_config()
+    for layer in cfg["layers"]:
+        if "dtype" in layer["config"] and layer["class_name"] != "InputLayer":
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    clone = keras.Model.from_config(cfg)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def speed(args, size, images, peak):
+    from fashionrec import FeatureExtractor, build_backbone
+
+    model, info = build_backbone(args.backbone, args.weights, size, log=None)
     ext = FeatureExtractor(model, info, batch_size=args.batch_size)
     # warm both paths once (graph tracing) before timing
-    seed_loop(model, images[:2], args.image_size)
+    seed_loop(model, images[:2], size)
     ext.transform(images[: args.batch_size])
 
     t = time.perf_counter()
-    seed_feats = seed_loop(model, images[: args.n_seed], args.image_size)
+    seed_feats = seed_loop(model, images[: args.n_seed], size)
     seed_s = time.perf_counter() - t
     t = time.perf_counter()
     feats = ext.transform(images, progress=True)
     batched_s = time.perf_counter() - t
-    diff = float(np.abs(feats[: args.n_seed] - seed_feats).max())
     seed_ips = args.n_seed / seed_s
     batched_ips = len(images) / batched_s
+    gmacs = backbone_gmacs(model, size)
+    bf16 = None
+    if size in args.bf16_sizes:
+        bf16_ext = FeatureExtractor(as_mixed_bfloat16(model), info, batch_size=args.batch_size)
+        bf16_ext.transform(images[: args.batch_size])
+        t = time.perf_counter()
+        bf16_feats = bf16_ext.transform(images, progress=True)
+        bf16_ips = len(images) / (time.perf_counter() - t)
+        bf16 = {"images_per_s": bf16_ips, "speedup": bf16_ips / seed_ips,
+                "feature_correlation": float(np.corrcoef(bf16_feats.ravel(), feats.ravel())[0, 1])}
     return {
         "backbone": info.describe(),
-        "image_size": args.image_size,
+        "image_size": size,
+        "gmac_per_image": gmacs,
         "seed_loop": {"images": args.n_seed, "seconds": seed_s, "images_per_s": seed_ips},
         "batched": {"images": len(images), "batch_size": args.batch_size,
                     "seconds": batched_s, "images_per_s": batched_ips},
         "speedup": batched_ips / seed_ips,
-        "max_abs_feature_difference": diff,
+        "batched_gflops": 2 * gmacs * batched_ips,
+        "fraction_of_peak": 2 * gmacs * batched_ips / max(peak.values()),
+        "max_abs_feature_difference": float(np.abs(feats[: args.n_seed] - seed_feats).max()),
+        "batched_mixed_bfloat16": bf16,
     }
 
 
@@ -81,14 +146,14 @@ def memory_child(n, args):
 
     ds = load_dataset("fashion_mnist")
     images = np.concatenate([ds.x_train, ds.x_test])[:n]
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = peak_rss_mb()
     model, info = build_backbone(args.backbone, args.weights, args.image_size, log=None)
     ext = FeatureExtractor(model, info, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         ext.transform_to_h5(images, Path(tmp) / "f.h5", progress=True)
         seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"images": n, "peak_rss_mb": peak, "rss_after_data_mb": base_rss,
                       "seconds": seconds, "images_per_s": n / seconds}))
 
@@ -107,49 +172,75 @@ def memory(args, sizes):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--sizes", default="224", help="comma-separated image sizes")
+    p.add_argument("--image-size", type=int, default=224, help="image size of the memory sweep")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--n-seed", type=int, default=64, help="images through the seed loop")
     p.add_argument("--n-batched", type=int, default=256, help="images through the batched path")
-    p.add_argument("--memory-sizes", default="500,2000",
+    p.add_argument("--memory-sizes", default="500,2000,4000",
                    help="comma-separated image counts for the memory sweep")
-    p.add_argument("--full-memory", action="store_true",
-                   help="add all 70,000 images to the memory sweep (about an hour on 2 cores)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--bf16-sizes", default="224",
+                   help="sizes at which a mixed_bfloat16 copy of the backbone is also timed")
     p.add_argument("--tag", default="", help="suffix for the result files")
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args)
+    args.bf16_sizes = {int(x) for x in args.bf16_sizes.split(",") if x}
 
-    sizes = [int(s) for s in args.memory_sizes.split(",") if s]
-    if args.full_memory:
-        sizes.append(70000)
+    from fashionrec import load_dataset
+
+    images = load_dataset("fashion_mnist").x_test[: args.n_batched]
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak: {peak}", flush=True)
+    speeds = []
+    for size in (int(x) for x in args.sizes.split(",")):
+        speeds.append(speed(args, size, images, peak))
+        print(json.dumps(speeds[-1]), flush=True)
+    sizes = [int(x) for x in args.memory_sizes.split(",") if x]
     result = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
-        "speed": speed(args),
+                    "python": platform.python_version(), "matmul_peak_gflops": peak},
+        "speed": speeds,
         "memory": memory(args, sizes),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"bench_extract{args.tag}"
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    s = result["speed"]
     lines = [
-        f"# Feature extraction benchmark ({s['image_size']} px)",
+        "# Feature extraction benchmark",
         "",
-        f"Backbone: {s['backbone']}. Machine: {result['machine']['cpus']} CPUs.",
+        f"Backbone: {speeds[0]['backbone'].rsplit(' at ', 1)[0]}. Machine: "
+        f"{result['machine']['cpus']} CPUs, float32 matmul peak "
+        f"{max(peak.values()):.0f} GFLOP/s (best of NumPy and Keras, 2048x2048).",
         "",
-        "| path | images | images/s |",
-        "| --- | ---: | ---: |",
-        f"| seed loop (one `predict` per image) | {s['seed_loop']['images']} | "
-        f"{s['seed_loop']['images_per_s']:.2f} |",
-        f"| fashionrec batched (batch {s['batched']['batch_size']}) | {s['batched']['images']} | "
-        f"{s['batched']['images_per_s']:.2f} |",
+        "| size (px) | GMAC/image | seed loop (img/s) | batched (img/s) | speed-up | "
+        "batched GFLOP/s | of peak |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r['image_size']} | {r['gmac_per_image']:.2f} | "
+              f"{r['seed_loop']['images_per_s']:.2f} | {r['batched']['images_per_s']:.2f} | "
+              f"**{r['speedup']:.2f}x** | {r['batched_gflops']:.0f} | "
+              f"{100 * r['fraction_of_peak']:.0f}% |" for r in speeds]
+    for r in speeds:
+        if r["batched_mixed_bfloat16"]:
+            b = r["batched_mixed_bfloat16"]
+            lines += ["", f"Not the package's default: the same backbone under Keras's "
+                      f"`mixed_bfloat16` policy at {r['image_size']} px runs "
+                      f"{b['images_per_s']:.2f} img/s, {b['speedup']:.2f}x the seed loop "
+                      f"(feature correlation with float32: {b['feature_correlation']:.6f})."]
+    lines += [
         "",
-        f"Speed-up: **{s['speedup']:.2f}x**; largest feature difference between the two "
-        f"paths: {s['max_abs_feature_difference']:.2e}.",
+        f"Seed loop: {speeds[0]['seed_loop']['images']} images, one `model.predict` each; "
+        f"batched: {speeds[0]['batched']['images']} images, batch "
+        f"{speeds[0]['batched']['batch_size']}; same images, same process. Largest feature "
+        f"difference between the paths: "
+        f"{max(r['max_abs_feature_difference'] for r in speeds):.1e}.",
+        "",
+        f"Streaming extraction at {args.image_size} px, peak memory of the whole process "
+        "(TensorFlow, the dataset and the model included):",
         "",
         "| images extracted (streamed to HDF5) | peak RSS (MB) | images/s |",
         "| ---: | ---: | ---: |",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -23,7 +24,9 @@ from sklearn.preprocessing import StandardScaler
 
 from .errors import FashionrecError
 
-_PACKAGES = ("fashionrec", "keras", "tensorflow", "numpy", "scikit-learn", "scipy", "h5py")
+_PACKAGES = ("fashionrec", "keras", "numpy", "scikit-learn", "scipy", "h5py")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -42,6 +45,7 @@ def atomic_path(target, suffix=None):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -72,13 +76,30 @@ def package_versions():
             out[name] = _im.version(name)
         except _im.PackageNotFoundError:
             out[name] = None
-    try:
-        import keras
+    import keras
 
-        out["keras_backend"] = keras.backend.backend()
-    except ImportError:  # pragma: no cover - keras is a hard dependency
-        out["keras_backend"] = None
+    out["keras_backend"] = keras.backend.backend()
+    backend = importlib.import_module(out["keras_backend"])  # tensorflow, torch or jax
+    out[out["keras_backend"]] = getattr(backend, "__version__", None)
     return out
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MB (Linux ``VmHWM``).
+
+    ``getrusage``'s ``ru_maxrss`` is not used where ``VmHWM`` exists: on Linux it
+    survives ``exec`` and so reports the parent's peak for a freshly started child.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def now_iso():

@@ -6,7 +6,6 @@ four verbs: ``fit``, ``save``, ``load`` and ``recommend``.
 
 from __future__ import annotations
 
-import resource
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .artifacts import now_iso, package_versions, read_json, write_json
+from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_json
 from .config import RunConfig
 from .data import Dataset, get_spec, load_dataset, load_split
 from .errors import FashionrecError
@@ -164,7 +163,7 @@ class Recommender:
         )
         timings["index_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
-        timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        timings["peak_rss_mb"] = peak_rss_mb()
         self.metadata_["timings"] = timings
         self._dataset = dataset
         say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
