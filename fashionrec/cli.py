@@ -153,10 +153,10 @@ def cmd_recommend(args):
     rec = Recommender.load(args.run_dir)
     query = args.idx if args.idx is not None else args.image
     result = rec.recommend(query, k=args.k)
-    image, _ = rec.query_image(query)
     name = f"idx{args.idx}" if args.idx is not None else Path(args.image).stem
     out = Path(args.out) if args.out else Path(args.run_dir) / "plots" / f"recommend-{name}.png"
-    plot_recommendation(result, image, lambda i: rec.index_.images[rec.index_.row_of(i)], out)
+    plot_recommendation(result, result.image,
+                        lambda i: rec.index_.images[rec.index_.row_of(i)], out)
     if args.json:
         print(json.dumps({**result.to_dict(), "png": str(out)}, indent=2))
     else:

@@ -47,6 +47,7 @@ class Recommendation:
 
     query: dict
     items: list = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)  # the query as 2-D gray
 
     def to_dict(self):
         return {"query": self.query, "items": [asdict(i) for i in self.items]}
@@ -228,7 +229,13 @@ class Recommender:
         """Images and labels of the test split the run was trained with."""
         if getattr(self, "_dataset", None) is None:
             cfg = self.config
-            x, y, _ = load_split(cfg.dataset, "test", cfg.data_dir)
+            x, y, folder = load_split(cfg.dataset, "test", cfg.data_dir)
+            n = len(self.index_)
+            if self.index_.images is not None and not (
+                    len(x) >= n and np.array_equal(x[:n], self.index_.images)):
+                raise FashionrecError(
+                    f"the {cfg.dataset} test split in {folder} is not the one this run's "
+                    f"catalog was made from; query by image instead")
             self._dataset = Dataset(cfg.dataset, None, None, x, y, get_spec(cfg.dataset).class_names)
         return self._dataset.x_test, self._dataset.y_test
 
@@ -284,7 +291,7 @@ class Recommender:
                  distance=float(d))
             for r, (row, d) in enumerate(zip(rows[0], dists[0], strict=True))
         ]
-        return Recommendation(query=info, items=items)
+        return Recommendation(query=info, items=items, image=image)
 
 
 def to_gray(image, shape):

@@ -116,3 +116,11 @@ def test_bad_config_values_are_refused(tiny_config):
         Recommender(tiny_config, dataset="cifar")
     with pytest.raises(FashionrecError, match="weights must be"):
         Recommender(tiny_config, weights="nonexistent.h5")
+
+
+def test_a_different_test_split_is_refused(trained_run):
+    _, run_dir = trained_run
+    rec = Recommender.load(run_dir)
+    rec.index_.images = rec.index_.images[::-1].copy()  # as if made from other images
+    with pytest.raises(FashionrecError, match="not the one this run's catalog was made from"):
+        rec.recommend(3)
