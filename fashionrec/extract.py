@@ -40,28 +40,32 @@ STANDIN_SHA256 = "544665033561ee1f8eee3c8928e289ad71e2691e54c9135d1b80213f24dd3e
 class BackboneInfo:
     """What made the features: enough to rebuild the same backbone elsewhere."""
 
-    backbone: str  # "resnet50" or "custom"
+    backbone: str  # "resnet50" or "custom" (a saved .keras model)
     weights: str  # "imagenet", "none", "file" or "saved-model"
-    path: str | None  # weights file or saved model used, if any
-    sha256: str | None  # of that file
     feature_dim: int
     image_size: int
-    seed: int | None = None
+    model_path: str | None = None  # the saved model (custom)
+    model_sha256: str | None = None
+    weights_path: str | None = None  # the weights file loaded, if any
+    weights_hash: str | None = None  # its SHA-256 (the published MD5 for ImageNet)
+    seed: int | None = None  # random init (weights "none")
     note: str = ""  # e.g. why the stand-in was used
 
     @property
     def fingerprint(self):
         """A short id of the function images -> features (for caches)."""
-        key = json.dumps([self.backbone, self.weights, self.sha256, self.seed,
-                          self.image_size, self.feature_dim])
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = [self.backbone, self.weights, self.model_sha256 or self.weights_hash,
+               self.seed, self.image_size, self.feature_dim]
+        if self.model_sha256 and self.weights_hash:
+            key.append(self.weights_hash)
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def describe(self):
-        what = {"resnet50": "ResNet50", "custom": f"custom backbone {self.path}"}[self.backbone]
+        what = "ResNet50" if self.backbone == "resnet50" else f"backbone {self.model_path}"
         weights = {
             "imagenet": "ImageNet weights",
             "none": f"random weights (seed {self.seed})",
-            "file": f"weights from {self.path}",
+            "file": f"weights from {self.weights_path}",
             "saved-model": "weights saved in the model",
         }[self.weights]
         return f"{what}, {weights}, {self.feature_dim}-d features at {self.image_size} px"
@@ -195,23 +199,18 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
         if weights == "none":
             raise FashionrecError("--weights none applies to --backbone resnet50 only")
         model, dim = _load_saved_backbone(path, image_size)
-        if weights == "imagenet":
-            info = BackboneInfo("custom", "saved-model", str(path.resolve()), _sha256(path),
-                                dim, image_size)
-        else:
-            try:
-                model.load_weights(weights)
-            except Exception as exc:
-                raise FashionrecError(f"cannot load weights {weights} into {backbone}: "
-                                      f"{str(exc).splitlines()[0]}") from None
-            info = BackboneInfo("custom", "file", str(Path(weights).resolve()),
-                                _sha256(weights), dim, image_size)
+        info = BackboneInfo("custom", "saved-model", dim, image_size,
+                            model_path=str(path.resolve()), model_sha256=_sha256(path))
+        if weights != "imagenet":  # a weights file for the saved model
+            _load_weights(model, weights, backbone)
+            info.weights = "file"
+            info.weights_path, info.weights_hash = str(Path(weights).resolve()), _sha256(weights)
         say(f"backbone: {info.describe()}")
         return model, info
 
     if weights == "none":
         model = _resnet50(None, image_size, seed)
-        info = BackboneInfo("resnet50", "none", None, None, 2048, image_size, seed=seed)
+        info = BackboneInfo("resnet50", "none", 2048, image_size, seed=seed)
     elif weights == "imagenet":
         try:
             path = fetch_imagenet_weights(cache_dir)
@@ -228,41 +227,52 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
             note = (f"official ResNet50 ImageNet weights unavailable ({exc}); using the "
                     f"stage-4 ImageNet ResNet50 stand-in {standin} ({dim}-d) instead")
             say(f"NOTE: {note}")
-            info = BackboneInfo("custom", "saved-model", str(standin), _sha256(standin),
-                                dim, image_size, note=note)
+            info = BackboneInfo("custom", "saved-model", dim, image_size,
+                                model_path=str(standin), model_sha256=_sha256(standin),
+                                note=note)
             say(f"backbone: {info.describe()}")
             return model, info
         model = _resnet50(str(path), image_size, seed)
-        info = BackboneInfo("resnet50", "imagenet", str(path), IMAGENET_NOTOP[1], 2048,
-                            image_size)
+        info = BackboneInfo("resnet50", "imagenet", 2048, image_size,
+                            weights_path=str(path), weights_hash=IMAGENET_NOTOP[1])
     else:
         model = _resnet50(str(weights), image_size, seed)
-        info = BackboneInfo("resnet50", "file", str(Path(weights).resolve()),
-                            _sha256(weights), 2048, image_size)
+        info = BackboneInfo("resnet50", "file", 2048, image_size,
+                            weights_path=str(Path(weights).resolve()),
+                            weights_hash=_sha256(weights))
     say(f"backbone: {info.describe()}")
     return model, info
 
 
 def rebuild_backbone(info, log=None):
     """Rebuild exactly the backbone described by ``info`` (as saved with a run);
-    refuse if the file it came from has changed."""
-    if info.backbone == "resnet50" and info.weights == "none":
-        model = _resnet50(None, info.image_size, info.seed)
-    elif info.backbone == "resnet50":
-        path = info.path if info.weights == "file" else str(fetch_imagenet_weights())
-        if info.weights == "file":
-            _check_same_file(path, info.sha256)
-        model = _resnet50(path, info.image_size, info.seed or 0)
-    else:
-        _check_same_file(info.path, info.sha256)
-        if info.weights == "saved-model":
-            model, _ = _load_saved_backbone(Path(info.path), info.image_size)
+    refuse if a file it came from has changed."""
+    if info.backbone == "resnet50":
+        if info.weights == "none":
+            model = _resnet50(None, info.image_size, info.seed)
+        elif info.weights == "imagenet":
+            model = _resnet50(str(fetch_imagenet_weights()), info.image_size, 0)
         else:
-            raise FashionrecError("this run's custom backbone with a separate weights file "
-                                  "cannot be rebuilt; re-run training")
+            _check_same_file(info.weights_path, info.weights_hash)
+            model = _resnet50(info.weights_path, info.image_size, 0)
+    else:
+        _check_same_file(info.model_path, info.model_sha256)
+        model, _ = _load_saved_backbone(Path(info.model_path), info.image_size)
+        if info.weights == "file":
+            _check_same_file(info.weights_path, info.weights_hash)
+            _load_weights(model, info.weights_path, info.model_path)
     if log:
         log(f"backbone: {info.describe()}")
     return model
+
+
+def _load_weights(model, weights, backbone):
+    try:
+        model.load_weights(weights)
+    except Exception as exc:
+        raise FashionrecError(f"cannot load weights {weights} into {backbone}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                              ) from None
 
 
 def _check_same_file(path, sha256):

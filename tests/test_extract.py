@@ -86,7 +86,7 @@ def test_custom_backbone_file(tmp_path):
     path = tiny_backbone(tmp_path / "tiny.keras")
     model, info = build_backbone(str(path), image_size=32, log=None)
     assert info.backbone == "custom" and info.feature_dim == 4
-    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info.model_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert FeatureExtractor(model, info).transform(IMAGES[:2]).shape == (2, 4)
 
 
@@ -157,7 +157,7 @@ def test_standin_is_used_and_announced_when_weights_are_missing(tmp_path, monkey
     _, info = build_backbone(weights="imagenet", image_size=32, cache_dir=str(tmp_path / "k"),
                              log=said.append)
     assert said[0].startswith("NOTE: official ResNet50 ImageNet weights unavailable")
-    assert "stand-in" in info.note and info.path == str(shared / "models" / ex.STANDIN_NAME)
+    assert "stand-in" in info.note and info.model_path == str(shared / "models" / ex.STANDIN_NAME)
 
 
 def test_real_standin_gives_1024_d(fmnist_dir):
@@ -166,4 +166,21 @@ def test_real_standin_gives_1024_d(fmnist_dir):
         pytest.skip("no stand-in model")
     model, info = build_backbone(str(path), image_size=32, log=None)
     assert info.feature_dim == 1024
-    assert info.sha256 == ex.STANDIN_SHA256
+    assert info.model_sha256 == ex.STANDIN_SHA256
+
+
+def test_custom_backbone_with_weights_file_rebuilds_and_notices_changes(tmp_path):
+    path = tiny_backbone(tmp_path / "tiny.keras")
+    other = keras.saving.load_model(path)
+    other.set_weights([w + 1 for w in other.get_weights()])
+    weights = tmp_path / "other.weights.h5"
+    other.save_weights(weights)
+    model, info = build_backbone(str(path), weights=str(weights), image_size=32, log=None)
+    assert info.weights == "file" and info.weights_hash and info.model_sha256
+    x = to_model_input(IMAGES[:2], 32)
+    np.testing.assert_allclose(model.predict_on_batch(x), other.predict_on_batch(x), rtol=1e-5)
+    again = ex.rebuild_backbone(info)
+    np.testing.assert_allclose(again.predict_on_batch(x), other.predict_on_batch(x), rtol=1e-5)
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(FashionrecError, match="has changed since training"):
+        ex.rebuild_backbone(info)
