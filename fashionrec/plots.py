@@ -80,7 +80,7 @@ def plot_per_class(result, path, metric="precision@6"):
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per class")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower left", framealpha=0.9)
     return _save(fig, path)
 
 
