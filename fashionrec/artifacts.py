@@ -84,6 +84,12 @@ def package_versions():
     return out
 
 
+def short_reason(exc):
+    """The gist of an exception on one line (Keras's fetch errors end in `-- reason`)."""
+    text = " ".join(str(exc).split())
+    return text.split(" -- ")[-1].strip() or type(exc).__name__
+
+
 def peak_rss_mb():
     """Peak resident memory of this process in MB (Linux ``VmHWM``).
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import short_reason
 from .config import project_roots, shared_dirs
 from .errors import FashionrecError
 
@@ -182,7 +183,7 @@ def _download(spec, tried):
     except Exception as exc:  # network errors come in many types
         raise FashionrecError(
             f"{spec.name} not found locally (looked in {', '.join(map(str, tried))}) and "
-            f"the download from {spec.base_url} failed ({type(exc).__name__}: {exc}); "
+            f"the download from {spec.base_url} failed ({short_reason(exc)}); "
             f"put the four IDX .gz files in one of those folders or pass --data-dir"
         ) from None
     finally:

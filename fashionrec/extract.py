@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, short_reason
 from .config import shared_dirs
 from .errors import FashionrecError
 
@@ -104,10 +104,9 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
         return Path(get_file(fname, WEIGHTS_BASE_URL + fname, file_hash=md5,
                              cache_subdir="models", cache_dir=cache_dir))
     except Exception as exc:  # urllib, hash and OS errors all mean "not available"
-        reason = str(exc).split(" -- ")[-1].strip() or type(exc).__name__
         raise FashionrecError(
             f"ImageNet weights {fname} are not in Keras's cache and could not be "
-            f"downloaded ({reason})"
+            f"downloaded ({short_reason(exc)})"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
