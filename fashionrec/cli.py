@@ -206,7 +206,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except FashionrecError as exc:
+    except (FashionrecError, OSError) as exc:  # OSError: e.g. an --out folder not writable
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
