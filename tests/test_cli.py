@@ -80,3 +80,20 @@ def test_console_script_errors_have_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no trained run")
+
+
+def test_training_is_reproducible_across_processes(tmp_path, fmnist_dir):
+    """Same seed, same data, two fresh processes: the same catalog vectors."""
+    import numpy as np
+
+    vectors = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        subprocess.run([sys.executable, "-m", "fashionrec", "train", "--data-dir",
+                        str(fmnist_dir), "--n-train", "40", "--n-reco", "20", "--image-size",
+                        "32", "--epochs", "2", "--batch-size", "8", "--weights", "none",
+                        "--run-dir", str(run), "--no-progress"], check=True,
+                       capture_output=True)
+        with h5py.File(run / "index.h5") as f:
+            vectors.append(f["vectors"][:])
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
