@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib
 import json
 import os
@@ -82,6 +83,15 @@ def package_versions():
     backend = importlib.import_module(out["keras_backend"])  # tensorflow, torch or jax
     out[out["keras_backend"]] = getattr(backend, "__version__", None)
     return out
+
+
+def sha256_file(path):
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def short_reason(exc):

@@ -4,17 +4,16 @@ or downloaded, checked against their published SHA-256, parsed into arrays."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import socket
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import short_reason
+from .artifacts import sha256_file, short_reason
 from .config import project_roots, shared_dirs
 from .errors import FashionrecError
 
@@ -77,7 +76,6 @@ class Dataset:
     y_test: np.ndarray
     class_names: tuple
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def get_spec(name):
@@ -118,14 +116,6 @@ def read_idx(path):
             f"{expected}: the file is truncated or corrupt"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def candidate_dirs(name, data_dir=None):

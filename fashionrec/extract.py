@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, short_reason
+from .artifacts import atomic_path, sha256_file, short_reason
 from .config import shared_dirs
 from .errors import FashionrecError
 
@@ -76,14 +76,6 @@ class BackboneInfo:
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_imagenet_weights(cache_dir=None, timeout=30):
@@ -199,11 +191,11 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
             raise FashionrecError("--weights none applies to --backbone resnet50 only")
         model, dim = _load_saved_backbone(path, image_size)
         info = BackboneInfo("custom", "saved-model", dim, image_size,
-                            model_path=str(path.resolve()), model_sha256=_sha256(path))
+                            model_path=str(path.resolve()), model_sha256=sha256_file(path))
         if weights != "imagenet":  # a weights file for the saved model
             _load_weights(model, weights, backbone)
             info.weights = "file"
-            info.weights_path, info.weights_hash = str(Path(weights).resolve()), _sha256(weights)
+            info.weights_path, info.weights_hash = str(Path(weights).resolve()), sha256_file(weights)
         say(f"backbone: {info.describe()}")
         return model, info
 
@@ -227,7 +219,7 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
                     f"stage-4 ImageNet ResNet50 stand-in {standin} ({dim}-d) instead")
             say(f"NOTE: {note}")
             info = BackboneInfo("custom", "saved-model", dim, image_size,
-                                model_path=str(standin), model_sha256=_sha256(standin),
+                                model_path=str(standin), model_sha256=sha256_file(standin),
                                 note=note)
             say(f"backbone: {info.describe()}")
             return model, info
@@ -238,7 +230,7 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
         model = _resnet50(str(weights), image_size, seed)
         info = BackboneInfo("resnet50", "file", 2048, image_size,
                             weights_path=str(Path(weights).resolve()),
-                            weights_hash=_sha256(weights))
+                            weights_hash=sha256_file(weights))
     say(f"backbone: {info.describe()}")
     return model, info
 
@@ -277,7 +269,7 @@ def _load_weights(model, weights, backbone):
 def _check_same_file(path, sha256):
     if not Path(path).is_file():
         raise FashionrecError(f"the run's backbone file {path} is gone; restore it or re-train")
-    if _sha256(path) != sha256:
+    if sha256_file(path) != sha256:
         raise FashionrecError(f"the run's backbone file {path} has changed since training; "
                               f"restore it or re-train")
 
