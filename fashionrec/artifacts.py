@@ -26,8 +26,6 @@ from sklearn.preprocessing import StandardScaler
 from .errors import FashionrecError
 
 _PACKAGES = ("fashionrec", "keras", "numpy", "scikit-learn", "scipy", "h5py")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -46,10 +44,16 @@ def atomic_path(target, suffix=None):
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, obj):

@@ -186,9 +186,11 @@ def cmd_plot(args):
     from .plots import plot_history
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "history.json").is_file():
+    if not (run_dir / "head.json").is_file():
         raise FashionrecError(f"no trained run in {run_dir}; run `make train` first")
-    history = read_json(run_dir / "history.json", "history file")
+    history = read_json(run_dir / "head.json", "head file").get("history")
+    if not history:
+        raise FashionrecError(f"{run_dir / 'head.json'} holds no training history")
     out = Path(args.out) if args.out else run_dir / "plots" / "curves.png"
     print(f"curves: {plot_history(history, out)}")
     return 0

@@ -124,8 +124,9 @@ class ClassifierHead:
         return np.asarray(self.embedder_.predict(self._scaled(X), batch_size=batch_size,
                                                  verbose=0), dtype=np.float32)
 
-    def save(self, folder):
-        """Write ``head.keras`` (the network) and ``head.json`` (scaler, settings, history)."""
+    def save(self, folder, run_id=None):
+        """Write ``head.keras`` (the network) and ``head.json`` (scaler, settings, history,
+        and ``run_id``, which ties the head to the run it was saved with)."""
         import keras
 
         self._check_fitted()
@@ -133,6 +134,7 @@ class ClassifierHead:
         with atomic_path(folder / "head.keras", suffix=".keras") as tmp:
             keras.saving.save_model(self.model_, tmp)
         write_json(folder / "head.json", {
+            "run_id": run_id,
             "params": {k: getattr(self, k) for k in (
                 "n_classes", "epochs", "batch_size", "learning_rate", "dropout",
                 "validation_split", "seed")},
@@ -152,6 +154,7 @@ class ClassifierHead:
             head.scaler_ = scaler_from_arrays(state["scaler"])
             head.class_weight_ = {int(k): v for k, v in state["class_weight"].items()}
             head.history_ = state["history"]
+            head.run_id_ = state.get("run_id")
         except (KeyError, TypeError) as exc:
             raise FashionrecError(f"{folder / 'head.json'} is not a fashionrec head ({exc})") from None
         path = folder / "head.keras"

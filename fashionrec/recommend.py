@@ -184,9 +184,8 @@ class Recommender:
         self._check_fitted()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.head_.save(run_dir)
+        self.head_.save(run_dir, run_id=self.run_id_)
         self.index_.save(run_dir / INDEX_FILE)
-        write_json(run_dir / "history.json", self.head_.history_)
         write_json(run_dir / RUN_FILE, self.metadata_)
         return run_dir
 
@@ -206,7 +205,8 @@ class Recommender:
         rec.run_id_ = meta.get("run_id")
         rec.head_ = ClassifierHead.load(run_dir)
         rec.index_ = CatalogIndex.load(run_dir / INDEX_FILE)
-        if rec.index_.metadata.get("run_id") != rec.run_id_:
+        if not rec.run_id_ or {rec.head_.run_id_, rec.index_.metadata.get("run_id")} != {
+                rec.run_id_}:
             raise FashionrecError(
                 f"{run_dir} mixes files of two runs (an interrupted save?); re-run `make train`")
         rec._backbone_info = info

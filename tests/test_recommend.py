@@ -102,6 +102,13 @@ def test_loading_refuses_missing_and_mixed_runs(trained_run, tmp_path):
     write_json(mixed / "run.json", meta)
     with pytest.raises(FashionrecError, match="mixes files of two runs"):
         Recommender.load(mixed)
+    # a head from another run beside this run's index and run.json is refused too
+    (mixed / "run.json").write_bytes((run_dir / "run.json").read_bytes())
+    head = read_json(mixed / "head.json")
+    head["run_id"] = "another-run"
+    write_json(mixed / "head.json", head)
+    with pytest.raises(FashionrecError, match="mixes files of two runs"):
+        Recommender.load(mixed)
 
 
 def test_n_beyond_the_dataset_is_refused(tiny_config):
