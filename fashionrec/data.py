@@ -127,11 +127,7 @@ def candidate_dirs(name, data_dir=None):
     dirs += [root / "data" / spec.subdir for root in project_roots()]
     dirs.append(_keras_cache() / "datasets" / spec.subdir)
     dirs += [s / "datasets" / spec.subdir for s in shared_dirs()]
-    unique = []
-    for d in dirs:
-        if d not in unique:
-            unique.append(d)
-    return unique
+    return list(dict.fromkeys(dirs))  # first occurrence of each, in order
 
 
 def _keras_cache():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -319,10 +318,7 @@ class FeatureExtractor:
             for start in range(0, n, self.batch_size):
                 batch = images[start:start + self.batch_size]
                 x = to_model_input(batch, self.info.image_size)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    feats = self.model.predict_on_batch(x)
-                yield start, np.asarray(feats, dtype=np.float32)
+                yield start, np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
                 bar.update(len(batch))
 
     def transform(self, images, progress=False):
