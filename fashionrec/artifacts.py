@@ -45,9 +45,24 @@ def atomic_path(target, suffix=None):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        _fsync(tmp)  # the bytes are on disk before the name points at them
         os.replace(tmp, target)
+        _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a folder on a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask():

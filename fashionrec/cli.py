@@ -1,4 +1,5 @@
-"""``fashionrec train | recommend | evaluate | plot`` — a thin layer over the library.
+"""``fashionrec train | recommend | add | remove | evaluate | plot`` — a thin layer over
+the library.
 
 Every user error is one line on stderr and a non-zero exit code.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,19 +78,61 @@ def build_parser():
     t.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="where the run's files go (default: %(default)s)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c = t.add_argument_group(
+        "your own products (instead of --dataset)",
+        "--catalog FOLDER: class = the first --label-depth folder levels; "
+        "--catalog FILE.csv: one row per product, image paths relative to the CSV")
+    c.add_argument("--catalog", default=None,
+                   help="an image folder (category/subcategory/.../image) or a CSV manifest")
+    _catalog_options(c)
+    c.add_argument("--min-class-size", type=_positive, default=5,
+                   help="classes with fewer readable images are left out and reported "
+                        "(default: %(default)s)")
 
     r = sub.add_parser("recommend", help="the K catalog items nearest to a query",
-                       description="Recommend catalog items for a test image or an image file.")
+                       description="Recommend catalog items for a catalog item, a test image "
+                                   "or an image file (e.g. a new product).")
     q = r.add_mutually_exclusive_group(required=True)
-    q.add_argument("--idx", type=int, help="index of the query in the test split")
-    q.add_argument("--image", help="an image file (PNG, JPEG, ...) to use as the query")
+    q.add_argument("--item", help="id of a catalog item")
+    q.add_argument("--idx", type=int, help="index of the query in the test split "
+                                           "(Fashion-MNIST runs)")
+    q.add_argument("--image", help="an image file (PNG, JPEG, WebP, ...) to use as the query")
     r.add_argument("-k", "--k", type=_positive, default=6,
                    help="how many items (default: %(default)s)")
+    r.add_argument("--same-class", action="store_true",
+                   help="only items of the query's class (an item's own, else the predicted)")
+    r.add_argument("--category", default=None,
+                   help="only items whose category path contains this, e.g. Boots or "
+                        "Shoes/Boots")
     r.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="the trained run (default: %(default)s)")
     r.add_argument("--out", default=None,
                    help="PNG to write (default: RUN_DIR/plots/recommend-<query>.png)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    a = sub.add_parser("add", help="add new products to a trained run's index",
+                       description="Embed new products with the run's backbone and head and "
+                                   "append them to its index (no retraining; the index file "
+                                   "is not rewritten).")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--catalog", help="a folder or CSV of new products (the run's layout "
+                                       "options apply unless given here)")
+    src.add_argument("--image", nargs="+", help="image file(s) of new products; id = file name")
+    a.add_argument("--id", default=None, help="the id of a single --image (default: its name)")
+    a.add_argument("--label", default=None,
+                   help="the class of the --image products (default: the head's prediction)")
+    _catalog_options(a, defaults=False)
+    a.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                   help="the trained run (default: %(default)s)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON")
+    a.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    rm = sub.add_parser("remove", help="remove discontinued products from a run's index",
+                        description="Remove items by id (all or nothing; the index file is "
+                                    "not rewritten).")
+    rm.add_argument("ids", nargs="+", help="item ids")
+    rm.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                    help="the trained run (default: %(default)s)")
 
     e = sub.add_parser("evaluate", help="retrieval quality and head accuracy of a trained run",
                        description="Score a run: every catalog item as a query (leave-one-out) "
@@ -112,9 +156,39 @@ def build_parser():
     return p
 
 
+def _catalog_options(group, defaults=True):
+    """The layout options of a catalog folder or CSV (for train and add)."""
+    def default(value):
+        return value if defaults else None
+    group.add_argument("--label-depth", type=_positive, default=default(1),
+                       help="folder layout: folder levels that make the class "
+                            "(1: Shoes, 2: Shoes/Boots)" + (" (default: 1)" if defaults else ""))
+    group.add_argument("--label-column", default=default("label"),
+                       help="CSV: the column holding the class" +
+                            (" (default: label)" if defaults else ""))
+    group.add_argument("--id-column", default=default("id"),
+                       help="CSV: the column holding the id" + (" (default: id)" if defaults else ""))
+    group.add_argument("--image-column", default=None,
+                       help="CSV: a column holding the image path (else --image-pattern)")
+    group.add_argument("--image-pattern", default=default("images/{id}.jpg"),
+                       help="CSV: image path from the id" +
+                            (" (default: images/{id}.jpg)" if defaults else ""))
+    group.add_argument("--category-columns", default=None,
+                       help="CSV: comma-separated columns joined into the category path "
+                            "(default: the label column)")
+
+
+def _catalog_kwargs(args):
+    return {k: getattr(args, k) for k in ("label_depth", "label_column", "id_column",
+                                          "image_column", "image_pattern", "category_columns")}
+
+
 def cmd_train(args):
     from .plots import plot_history
     from .recommend import Recommender
+
+    if args.catalog is not None:
+        return _train_catalog(args)
 
     cfg = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
@@ -143,22 +217,106 @@ def cmd_train(args):
     return 0
 
 
+def _train_catalog(args):
+    from .catalog import Catalog
+    from .plots import plot_history
+    from .recommend import REPORT_FILE, Recommender
+
+    d = RunConfig.__dataclass_fields__
+    clash = [f"--{name.replace('_', '-')}" for name in ("dataset", "data_dir", "n_train", "n_reco")
+             if getattr(args, name) != d[name].default]
+    if clash:
+        raise FashionrecError(f"{', '.join(clash)} do(es) not apply to --catalog: every "
+                              f"readable product trains the head and is indexed")
+    cfg = RunConfig(
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+        weights=args.weights, backbone=args.backbone,
+        extract_batch_size=args.extract_batch_size, seed=args.seed,
+    )
+    run_dir = Path(args.run_dir)
+    catalog = Catalog.read(args.catalog, **_catalog_kwargs(args))
+    print(f"fashionrec train: catalog {args.catalog} ({catalog.source['layout']}, "
+          f"{len(catalog)} listed images), {cfg.image_size} px -> {run_dir}", flush=True)
+    rec = Recommender(cfg).fit_catalog(catalog, min_class_size=args.min_class_size,
+                                       cache_dir=run_dir / "features",
+                                       progress=not args.no_progress)
+    rec.save(run_dir)
+    curves = plot_history(rec.head_.history_, run_dir / "plots" / "curves.png")
+    t = rec.metadata_["timings"]
+    val = rec.metadata_.get("head_val_accuracy")
+    print(f"backbone:       {rec.metadata_['backbone_description']}")
+    print(f"catalog:        {len(rec.index_)} products, {len(rec.class_names)} classes "
+          f"({rec.report_['n_skipped']} skipped: {run_dir / REPORT_FILE})")
+    if val is not None:
+        print(f"head accuracy:  {val:.4f} (validation: {cfg.validation_split:.0%} of the products)")
+    print(f"timings:        extract {t['extract_s']:.1f} s, head {t['head_s']:.1f} s, "
+          f"total {t['total_s']:.1f} s, peak RSS {t['peak_rss_mb']:.0f} MB")
+    print(f"run:            {run_dir / 'run.json'}; index {run_dir / 'index.h5'}")
+    print(f"curves:         {curves}")
+    return 0
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "query"
+
+
 def cmd_recommend(args):
     from .plots import plot_recommendation
     from .recommend import Recommender
 
     rec = Recommender.load(args.run_dir)
-    query = args.idx if args.idx is not None else args.image
-    result = rec.recommend(query, k=args.k)
-    name = f"idx{args.idx}" if args.idx is not None else Path(args.image).stem
+    filters = dict(k=args.k, same_class=args.same_class, category=args.category)
+    if args.item is not None:
+        result = rec.recommend(item=args.item, **filters)
+        name = f"item-{_slug(args.item)}"
+    elif args.idx is not None:
+        result = rec.recommend(args.idx, **filters)
+        name = f"idx{args.idx}"
+    else:
+        result = rec.recommend(args.image, **filters)
+        name = _slug(Path(args.image).stem)
     out = Path(args.out) if args.out else Path(args.run_dir) / "plots" / f"recommend-{name}.png"
-    plot_recommendation(result, result.image,
-                        lambda i: rec.index_.images[rec.index_.row_of(i)], out)
+    plot_recommendation(result, result.image, rec.item_image, out)
     if args.json:
         print(json.dumps({**result.to_dict(), "png": str(out)}, indent=2))
     else:
         print(result.format_text())
         print(f"png: {out}")
+    return 0
+
+
+def cmd_add(args):
+    from .catalog import Catalog, format_skipped
+    from .recommend import Recommender
+
+    if args.id is not None and (args.image is None or len(args.image) != 1):
+        raise FashionrecError("--id names a single --image")
+    rec = Recommender.load(args.run_dir)
+    if args.catalog is not None:
+        if args.label is not None:
+            raise FashionrecError("--label applies to --image; a catalog has its own classes")
+        catalog = rec.read_catalog(args.catalog, **_catalog_kwargs(args))
+    else:
+        catalog = Catalog.from_files(
+            args.image, ids=None if args.id is None else [args.id],
+            labels=None if args.label is None else [args.label] * len(args.image))
+    report = rec.add(catalog, progress=not args.no_progress,
+                     log=None if args.json else print)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for item in report["added"][:20]:
+            print(f"  + {item['id']}: {item['class']} ({item['class_from']})")
+        if len(report["added"]) > 20:
+            print(f"  ... and {len(report['added']) - 20} more")
+        print("\n".join(format_skipped(report["skipped"])))
+    return 0 if report["n_added"] or not report["skipped"] else 1
+
+
+def cmd_remove(args):
+    from .recommend import Recommender
+
+    Recommender.load(args.run_dir).remove(args.ids)
     return 0
 
 
@@ -196,8 +354,8 @@ def cmd_plot(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "evaluate": cmd_evaluate,
-            "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "add": cmd_add,
+            "remove": cmd_remove, "evaluate": cmd_evaluate, "plot": cmd_plot}
 
 
 def main(argv=None):

@@ -21,7 +21,8 @@ class RunConfig:
     catalog, 32 epochs of batch 64 with a 0.2 validation split.
 
     Args:
-        dataset: ``"fashion_mnist"`` or ``"mnist"``.
+        dataset: ``"fashion_mnist"`` or ``"mnist"``; ``"catalog"`` in a run trained on
+            a product catalog (:meth:`Recommender.fit_catalog`, which sets it).
         data_dir: a folder searched first for the dataset's IDX files.
         n_train: training images (from the start of the training split) for the head.
         n_reco: test images (from the start of the test split) that form the catalog.
@@ -54,7 +55,7 @@ class RunConfig:
 
     def validate(self):
         """Raise :class:`FashionrecError` naming the first bad value."""
-        if self.dataset not in DATASET_NAMES:
+        if self.dataset not in (*DATASET_NAMES, "catalog"):
             raise FashionrecError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
             )

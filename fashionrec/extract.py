@@ -274,8 +274,8 @@ def _check_same_file(path, sha256):
 
 
 def to_model_input(images, image_size):
-    """A batch of images (``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)``, 0-255)
-    resized to ``image_size``, gray turned RGB, and ``preprocess_input`` applied."""
+    """A batch of images (``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)``, 0-255,
+    RGB) resized to ``image_size``, gray turned RGB, and ``preprocess_input`` applied."""
     import keras
     from keras.applications.resnet50 import preprocess_input
 
@@ -342,14 +342,16 @@ class FeatureExtractor:
         return Path(path)
 
 
-def cached_features(extractor, images, cache_dir, name, progress=True):
+def cached_features(extractor, images, cache_dir, name, progress=True, digest=None):
     """Features of ``images``, cached in ``cache_dir/<name>-<fingerprint>.h5``.
 
     The cache is reused when it was made by the same backbone from the very same
-    images (SHA-256 of the pixels), so re-training the head does not re-extract.
+    images (SHA-256 of the pixels, or ``digest``: e.g. of the image files of a lazy
+    :class:`~fashionrec.catalog.ImageFiles`), so re-training the head does not re-extract.
     """
     path = Path(cache_dir) / f"{name}-{extractor.info.fingerprint}.h5"
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+    if digest is None:
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
     if path.is_file():
         try:
             with h5py.File(path, "r") as f:

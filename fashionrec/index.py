@@ -3,17 +3,28 @@ ranked by exact Euclidean distance.
 
 Layout of ``index.h5`` (no pickle; every array is a plain HDF5 dataset):
 
-* attrs ``format = "fashionrec-index"``, ``format_version``, ``metadata`` (JSON)
+* attrs ``format = "fashionrec-index"``, ``format_version``, ``metadata`` (JSON),
+  ``id_kind`` (``"int"`` or ``"str"``)
 * ``vectors`` (N, D) float32 — standardized embeddings
-* ``ids`` (N,) int64 — each item's index in the test split
+* ``ids`` (N,) int64 or strings — a test-split index, or a product id
 * ``labels`` (N,) int64 and ``class_names`` (C,) strings
 * ``scaler/mean``, ``scaler/scale``, ``scaler/var``, ``scaler/n_samples_seen``
-* ``images`` (N, H, W) uint8 — the catalog images, for showing results
+* optional, for showing and filtering results: ``images`` (N, H, W) uint8 (the
+  Fashion-MNIST catalog images), ``paths`` (N,) strings (a product's image file),
+  ``categories`` (N,) strings (``/``-joined category path)
+
+:class:`IndexStore` makes such a file a *living* index: products are added as
+small segment files (``index.d/seg-*.h5``, the same format) and removed as
+tombstones, both recorded in ``index.manifest.json``; the base file is never
+rewritten. Every file is complete before the manifest, replaced atomically,
+names it, so a process killed mid-update leaves the index as it was before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from pathlib import Path
 
 import h5py
@@ -21,11 +32,20 @@ import numpy as np
 from scipy.spatial.distance import cdist
 from sklearn.preprocessing import StandardScaler
 
-from .artifacts import atomic_path, scaler_from_arrays, scaler_to_arrays
+from .artifacts import (
+    atomic_path,
+    now_iso,
+    read_json,
+    scaler_from_arrays,
+    scaler_to_arrays,
+    write_json,
+)
 from .errors import FashionrecError
 
 FORMAT = "fashionrec-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST_FORMAT = "fashionrec-index-manifest"
 
 
 def knn_search(queries, vectors, k, exclude=None, block_size=8192, query_block=1024):
@@ -87,27 +107,43 @@ class CatalogIndex:
 
     Build it with :meth:`build` from raw embeddings (it fits the re-standardizing
     scaler), query it with :meth:`search`, persist it with :meth:`save` / :meth:`load`.
+
+    Args:
+        vectors: ``(N, D)`` standardized embeddings.
+        ids: ``(N,)`` unique item ids, all integers or all strings.
+        labels: ``(N,)`` class numbers into ``class_names``.
+        scaler: the fitted StandardScaler that standardizes raw embeddings.
+        images, paths, categories: optional per-item arrays (see the module doc).
+        metadata: a JSON-able dict saved with the index.
     """
 
-    def __init__(self, vectors, ids, labels, class_names, scaler, images=None, metadata=None):
+    def __init__(self, vectors, ids, labels, class_names, scaler, images=None, metadata=None,
+                 paths=None, categories=None):
         self.vectors = np.asarray(vectors, dtype=np.float32)
-        self.ids = np.asarray(ids, dtype=np.int64)
+        self.ids = _as_ids(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = tuple(class_names)
         self.scaler = scaler
         self.images = None if images is None else np.asarray(images, dtype=np.uint8)
+        self.paths = None if paths is None else _as_strings(paths)
+        self.categories = None if categories is None else _as_strings(categories)
         self.metadata = dict(metadata or {})
         n = len(self.vectors)
-        if len(self.ids) != n or len(self.labels) != n or (
-                self.images is not None and len(self.images) != n):
+        if any(a is not None and len(a) != n for a in (
+                self.ids, self.labels, self.images, self.paths, self.categories)):
             raise FashionrecError("index arrays disagree in length")
-        self._row_of = {int(i): r for r, i in enumerate(self.ids)}
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise FashionrecError("index labels out of range of its class names")
+        self._row_of = {_key(i): r for r, i in enumerate(self.ids.tolist())}
+        if len(self._row_of) != n:
+            raise FashionrecError("index ids are not unique")
 
     @classmethod
-    def build(cls, embeddings, ids, labels, class_names, images=None, metadata=None):
+    def build(cls, embeddings, ids, labels, class_names, images=None, metadata=None,
+              paths=None, categories=None):
         scaler = StandardScaler().fit(np.asarray(embeddings, dtype=np.float64))
         vectors = scaler.transform(np.asarray(embeddings, dtype=np.float64))
-        return cls(vectors, ids, labels, class_names, scaler, images, metadata)
+        return cls(vectors, ids, labels, class_names, scaler, images, metadata, paths, categories)
 
     def __len__(self):
         return len(self.ids)
@@ -116,9 +152,35 @@ class CatalogIndex:
     def dim(self):
         return self.vectors.shape[1]
 
+    @property
+    def id_kind(self):
+        return "int" if self.ids.dtype.kind in "iu" else "str"
+
+    def parse_id(self, item_id):
+        """``item_id`` as this index's id type (``"17"`` -> ``17`` for integer ids)."""
+        if self.id_kind == "str":
+            return str(item_id)
+        try:
+            return int(item_id)
+        except (TypeError, ValueError):
+            raise FashionrecError(f"this catalog's item ids are integers, not {item_id!r}"
+                                  ) from None
+
     def row_of(self, item_id):
         """Row of catalog item ``item_id`` or ``None``."""
-        return self._row_of.get(int(item_id))
+        try:
+            return self._row_of.get(_key(self.parse_id(item_id)))
+        except FashionrecError:
+            return None
+
+    def category_of(self, row):
+        """An item's category path: its stored category, else its class name."""
+        if self.categories is not None and self.categories[row]:
+            return str(self.categories[row])
+        return self.class_names[int(self.labels[row])]
+
+    def all_categories(self):
+        return [self.category_of(r) for r in range(len(self))]
 
     def transform(self, embeddings):
         """Standardize raw embeddings with the catalog's scaler."""
@@ -134,26 +196,80 @@ class CatalogIndex:
                                 for i in np.atleast_1d(exclude_ids)], dtype=np.int64)
         return self.search_rows(vectors, k, exclude)
 
-    def search_rows(self, vectors, k=6, exclude_rows=None):
-        """Like :meth:`search`, excluding catalog rows (``-1``: none) instead of ids."""
-        return knn_search(vectors, self.vectors, k, exclude_rows)
+    def search_rows(self, vectors, k=6, exclude_rows=None, allowed_rows=None):
+        """Like :meth:`search`, excluding catalog rows (``-1``: none) instead of ids;
+        ``allowed_rows`` restricts the search to those rows (e.g. one category)."""
+        if allowed_rows is None:
+            return knn_search(vectors, self.vectors, k, exclude_rows)
+        allowed = np.asarray(allowed_rows, dtype=np.int64)
+        local = None
+        if exclude_rows is not None:
+            pos = {int(r): i for i, r in enumerate(allowed)}
+            local = np.array([pos.get(int(r), -1) for r in np.atleast_1d(exclude_rows)])
+        rows, dists = knn_search(vectors, self.vectors[allowed], k, local)
+        return allowed[rows], dists
+
+    def take(self, rows):
+        """A new index of the items at ``rows`` (same scaler, classes and metadata)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return CatalogIndex(self.vectors[rows], self.ids[rows], self.labels[rows],
+                            self.class_names, self.scaler, pick(self.images), self.metadata,
+                            pick(self.paths), pick(self.categories))
+
+    @classmethod
+    def concat(cls, parts):
+        """One index of all items of ``parts`` (the first part's scaler and metadata)."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.class_names != first.class_names or p.dim != first.dim:
+                raise FashionrecError("index parts have different classes or dimensions")
+            if p.id_kind != first.id_kind and len(p):
+                raise FashionrecError("index parts mix integer and string ids")
+
+        def join(name, fill):
+            arrays = [getattr(p, name) for p in parts]
+            if all(a is None for a in arrays):
+                return None
+            return np.concatenate([a if a is not None else fill(p)
+                                   for a, p in zip(arrays, parts, strict=True)])
+
+        if any(p.images is None for p in parts) and any(p.images is not None for p in parts):
+            raise FashionrecError("index parts disagree on storing images")
+        return cls(
+            np.concatenate([p.vectors for p in parts]),
+            np.concatenate([p.ids for p in parts]) if first.id_kind == "int" else
+            _as_strings([i for p in parts for i in p.ids]),
+            np.concatenate([p.labels for p in parts]), first.class_names, first.scaler,
+            join("images", None), first.metadata,
+            join("paths", lambda p: _as_strings([""] * len(p))),
+            join("categories", lambda p: _as_strings([""] * len(p))),
+        )
 
     def save(self, path):
         """Write the index to ``path`` atomically."""
+        strings = h5py.string_dtype()
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["metadata"] = json.dumps(self.metadata)
+                f.attrs["id_kind"] = self.id_kind
                 f.create_dataset("vectors", data=self.vectors)
-                f.create_dataset("ids", data=self.ids)
+                if self.id_kind == "int":
+                    f.create_dataset("ids", data=self.ids)
+                else:
+                    f.create_dataset("ids", data=self.ids, dtype=strings)
                 f.create_dataset("labels", data=self.labels)
                 f.create_dataset("class_names", data=np.array(self.class_names, dtype=object),
-                                 dtype=h5py.string_dtype())
+                                 dtype=strings)
                 for key, value in scaler_to_arrays(self.scaler).items():
                     f.create_dataset(f"scaler/{key}", data=value)
                 if self.images is not None:
                     f.create_dataset("images", data=self.images, compression="gzip")
+                for name in ("paths", "categories"):
+                    if getattr(self, name) is not None:
+                        f.create_dataset(name, data=getattr(self, name), dtype=strings)
         return Path(path)
 
     @classmethod
@@ -168,18 +284,195 @@ class CatalogIndex:
                 if f.attrs.get("format") != FORMAT:
                     raise FashionrecError(f"{path} is not a fashionrec index (foreign HDF5 file)")
                 version = int(f.attrs.get("format_version", -1))
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise FashionrecError(
-                        f"{path} has index format {version}; this fashionrec reads {FORMAT_VERSION}")
+                        f"{path} has index format {version}; this fashionrec reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
                 scaler = scaler_from_arrays({k: f["scaler"][k][()] for k in f["scaler"]})
+                ids = f["ids"][:]
+                if f.attrs.get("id_kind", "int") == "str":
+                    ids = _as_strings(ids)
+                strings = {name: _as_strings(f[name][:]) if name in f else None
+                           for name in ("paths", "categories")}
                 return cls(
-                    f["vectors"][:], f["ids"][:], f["labels"][:],
-                    [s.decode() if isinstance(s, bytes) else s for s in f["class_names"][:]],
-                    scaler,
-                    f["images"][:] if "images" in f else None,
-                    json.loads(f.attrs.get("metadata", "{}")),
+                    f["vectors"][:], ids, f["labels"][:], _as_strings(f["class_names"][:]),
+                    scaler, f["images"][:] if "images" in f else None,
+                    json.loads(f.attrs.get("metadata", "{}")), **strings,
                 )
         except FashionrecError:
             raise
         except (OSError, KeyError, ValueError) as exc:
             raise FashionrecError(f"{path} is corrupt or not a fashionrec index ({exc})") from None
+
+
+def _as_strings(values):
+    """A 1-D object array of Python ``str`` (HDF5 gives bytes)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return out
+
+
+def _as_ids(ids):
+    arr = np.asarray(ids)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if len(arr) and all(isinstance(i, (int, np.integer)) for i in arr.tolist()):
+        return arr.astype(np.int64)
+    return _as_strings(arr.tolist())
+
+
+def _key(item_id):
+    return int(item_id) if isinstance(item_id, (int, np.integer)) else str(item_id)
+
+
+# ---------------------------------------------------------------- a living index
+class IndexStore:
+    """A catalog index on disk that grows and shrinks without being rewritten.
+
+    ``path`` is the base index file (``RUN_DIR/index.h5``, written once at training).
+    :meth:`add` writes the new items as one segment file under ``index.d/`` and then
+    appends ``{"op": "add"}`` to ``index.manifest.json``; :meth:`remove` appends
+    ``{"op": "remove", "ids": [...]}``. The manifest is replaced atomically (temp file,
+    fsync, rename) only after every file it names is complete, so a reader — or a
+    process killed at any instant — sees either the old or the new state, never a
+    mix. Updates hold an exclusive lock file; segments left by a killed update are
+    deleted by the next one. :meth:`load` replays the operations over the base.
+
+    Example:
+        >>> store = IndexStore("runs/demo/index.h5")              # doctest: +SKIP
+        >>> store.remove(["Shoes/Boots/A/12.jpg"])                # doctest: +SKIP
+        >>> len(store.load())                                     # doctest: +SKIP
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.manifest_path = self.path.with_suffix(".manifest.json")
+        self.segment_dir = self.path.with_suffix(".d")
+        self.lock_path = self.path.with_suffix(".lock")
+
+    def manifest(self):
+        """The current manifest (an empty one if the index was never updated)."""
+        if not self.manifest_path.is_file():
+            return {"format": MANIFEST_FORMAT, "format_version": 1, "generation": 0,
+                    "base": self.path.name, "ops": []}
+        m = read_json(self.manifest_path, "index manifest")
+        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+            raise FashionrecError(f"{self.manifest_path} is not a fashionrec index manifest")
+        return m
+
+    def load(self):
+        """The live index: the base, plus added segments, minus removed items."""
+        m = self.manifest()
+        base = CatalogIndex.load(self.path.parent / m.get("base", self.path.name))
+        run_id = base.metadata.get("run_id")
+        if m.get("run_id", run_id) != run_id:
+            raise FashionrecError(f"{self.manifest_path} belongs to another run than "
+                                  f"{self.path}; delete it (and {self.segment_dir}) or re-train")
+        parts, live = [base], {_key(i): (0, r) for r, i in enumerate(base.ids.tolist())}
+        for op in m["ops"]:
+            if op["op"] == "add":
+                seg = self.path.parent / op["file"]
+                if not seg.is_file():
+                    raise FashionrecError(f"index segment {seg} named in {self.manifest_path} "
+                                          f"is missing; the index is damaged")
+                part = CatalogIndex.load(seg)
+                if part.metadata.get("run_id") != run_id:
+                    raise FashionrecError(f"index segment {seg} belongs to another run")
+                live.update({_key(i): (len(parts), r) for r, i in enumerate(part.ids.tolist())})
+                parts.append(part)
+            elif op["op"] == "remove":
+                for i in op["ids"]:
+                    live.pop(_key(i), None)
+        if len(parts) == 1 and len(live) == len(base):
+            index = base
+        else:
+            rows = [[] for _ in parts]
+            for p, r in live.values():
+                rows[p].append(r)
+            index = CatalogIndex.concat([part.take(sorted(r)) for part, r in
+                                         zip(parts, rows, strict=True)])
+        index.metadata = {**base.metadata, "generation": m["generation"],
+                          "n_updates": len(m["ops"])}
+        return index
+
+    @contextlib.contextmanager
+    def _locked(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks
+            yield
+            return
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FashionrecError(f"{self.path} is being updated by another process "
+                                      f"(lock {self.lock_path})") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _publish(self, manifest):
+        manifest = {**manifest, "generation": manifest["generation"] + 1, "updated": now_iso()}
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+    def _clean_orphans(self, manifest):
+        """Delete segment files no manifest names (left by a killed update)."""
+        named = {self.path.parent / op["file"] for op in manifest["ops"] if op["op"] == "add"}
+        if self.segment_dir.is_dir():
+            for f in self.segment_dir.iterdir():
+                if f.is_file() and f not in named:
+                    f.unlink(missing_ok=True)
+
+    def add(self, part):
+        """Append the items of ``part`` (a :class:`CatalogIndex` whose vectors were
+        standardized with this index's scaler); their ids must not be live already."""
+        with self._locked():
+            current = self.load()
+            m = self.manifest()
+            self._clean_orphans(m)
+            if part.class_names != current.class_names or part.dim != current.dim:
+                raise FashionrecError("the new items were embedded for another model")
+            clash = [i for i in part.ids.tolist() if current.row_of(i) is not None]
+            if clash:
+                raise FashionrecError(f"{len(clash)} id(s) already in the index, e.g. "
+                                      f"{clash[0]!r}; remove them first")
+            name = f"seg-{m['generation'] + 1:06d}-{uuid.uuid4().hex[:8]}.h5"
+            part = CatalogIndex(part.vectors, part.ids, part.labels, part.class_names,
+                                current.scaler, part.images, {
+                                    "run_id": current.metadata.get("run_id"),
+                                    "added": now_iso()}, part.paths, part.categories)
+            part.save(self.segment_dir / name)
+            file = f"{self.segment_dir.name}/{name}"
+            m.setdefault("run_id", current.metadata.get("run_id"))
+            m["ops"] = [*m["ops"], {"op": "add", "file": file, "n": len(part),
+                                    "at": now_iso()}]
+            return self._publish(m)
+
+    def remove(self, ids):
+        """Remove the items ``ids``; every one must be in the index."""
+        with self._locked():
+            current = self.load()
+            m = self.manifest()
+            self._clean_orphans(m)
+            ids = [current.parse_id(i) for i in ids]
+            unknown = [i for i in ids if current.row_of(i) is None]
+            if unknown:
+                raise FashionrecError(f"{len(unknown)} id(s) not in the index, e.g. "
+                                      f"{unknown[0]!r}; nothing was removed")
+            m.setdefault("run_id", current.metadata.get("run_id"))
+            m["ops"] = [*m["ops"], {"op": "remove", "ids": list(dict.fromkeys(ids)),
+                                    "at": now_iso()}]
+            return self._publish(m)
+
+    def reset(self):
+        """Forget every update (used when a new base is written by training)."""
+        self.manifest_path.unlink(missing_ok=True)
+        if self.segment_dir.is_dir():
+            for f in self.segment_dir.iterdir():
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.segment_dir.rmdir()

@@ -5,6 +5,9 @@ Uses matplotlib's non-interactive Agg canvas; every PNG is written atomically.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -34,27 +37,46 @@ def plot_history(history, path, title="head training"):
     return _save(fig, path)
 
 
-def plot_recommendation(recommendation, query_image, catalog_images, path):
-    """The query beside its recommended items, each titled with class and distance.
+def _short(item_id, width=22):
+    """An id that fits under a thumbnail: long paths keep their end."""
+    text = str(item_id)
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def plot_recommendation(recommendation, query_image, item_image, path):
+    """The query beside its recommended items, each titled with its id, class and
+    distance (the same facts as the text and JSON output).
 
     Args:
         recommendation: a :class:`~fashionrec.recommend.Recommendation`.
-        query_image: the query as a 2-D array.
-        catalog_images: callable or array giving an item's image by catalog row id.
+        query_image: the query as a 2-D gray or ``(H, W, 3)`` RGB array.
+        item_image: callable giving an item's image by id (``None``: not available).
     """
     items = recommendation.items
     q = recommendation.query
-    fig = Figure(figsize=(1.9 * (len(items) + 1), 2.6))
+    fig = Figure(figsize=(2.0 * (len(items) + 1), 2.9))
     axes = fig.subplots(1, len(items) + 1, squeeze=False)[0]
     if q["kind"] == "test_index":
         qtitle = f"query #{q['test_index']}\n{q['true_class']}\n(pred. {q['predicted_class']})"
+    elif q["kind"] == "item":
+        qtitle = f"query {_short(q['id'])}\n{q['true_class']}"
     else:
-        qtitle = f"query\n(pred. {q['predicted_class']})"
-    axes[0].imshow(query_image, cmap="gray")
-    axes[0].set_title(qtitle, fontsize=8, color="tab:blue")
+        qtitle = f"query {_short(Path(q.get('source', 'image')).name)}\n" \
+                 f"(pred. {q['predicted_class']})"
+    if q.get("filter"):
+        qtitle += f"\nonly {q['filter']}"
+
+    def show(ax, image, title, color="black"):
+        if image is None:
+            ax.text(0.5, 0.5, "image\nmissing", ha="center", va="center", fontsize=8)
+        else:
+            ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None)
+        ax.set_title(title, fontsize=7, color=color)
+
+    show(axes[0], query_image, qtitle, "tab:blue")
     for ax, item in zip(axes[1:], items, strict=True):
-        ax.imshow(catalog_images(item.id), cmap="gray")
-        ax.set_title(f"#{item.id}\n{item.class_name}\nd={item.distance:.2f}", fontsize=8)
+        show(ax, item_image(item.id),
+             f"{item.rank}. {_short(item.id)}\n{item.class_name}\nd={item.distance:.2f}")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -63,8 +85,6 @@ def plot_recommendation(recommendation, query_image, catalog_images, path):
 
 def plot_per_class(result, path, metric="precision@6"):
     """Bar chart of ``metric`` per class for each query set of an evaluation."""
-    import numpy as np
-
     sets = [s for s in ("catalog_loo", "heldout") if s in result]
     labels = {"catalog_loo": "catalog leave-one-out", "heldout": "held-out queries"}
     names = result["head"]["class_names"]
@@ -86,7 +106,6 @@ def plot_per_class(result, path, metric="precision@6"):
 
 def plot_confusion(result, path):
     """The head's confusion matrix on the evaluated test images."""
-    import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
 
     head = result["head"]

@@ -1,7 +1,9 @@
 """Stage 5 — recommend: the one object users hold.
 
-:class:`Recommender` composes the stages — data, extract, head, index — behind
-four verbs: ``fit``, ``save``, ``load`` and ``recommend``.
+:class:`Recommender` composes the stages — data (or catalog), extract, head,
+index — behind a few verbs: ``fit`` (Fashion-MNIST) or ``fit_catalog`` (your own
+product images), ``save``, ``load``, ``recommend``, and ``add`` / ``remove`` for a
+living catalog.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_json
+from .catalog import Catalog, category_matches, format_report, image_from_array, read_image
 from .config import RunConfig
 from .data import Dataset, get_spec, load_dataset, load_split
 from .errors import FashionrecError
@@ -26,19 +29,25 @@ from .extract import (
     rebuild_backbone,
 )
 from .head import ClassifierHead
-from .index import CatalogIndex
+from .index import CatalogIndex, IndexStore
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.h5"
+REPORT_FILE = "catalog_report.json"
+DISPLAY_SIZE = 160  # product thumbnails in result grids
 
 
 @dataclass
 class Item:
+    """One recommended catalog item."""
+
     rank: int
-    id: int
+    id: int | str  # a test-split index (Fashion-MNIST) or a product id
     label: int
     class_name: str
     distance: float
+    category: str | None = None
+    path: str | None = None  # the product's image file, for file catalogs
 
 
 @dataclass
@@ -50,19 +59,29 @@ class Recommendation:
     image: np.ndarray | None = field(default=None, repr=False)  # the query as 2-D gray
 
     def to_dict(self):
-        return {"query": self.query, "items": [asdict(i) for i in self.items]}
+        return {"query": self.query,
+                "items": [{k: v for k, v in asdict(i).items() if v is not None}
+                          for i in self.items]}
 
     def format_text(self):
         q = self.query
         if q["kind"] == "test_index":
             head = f"query: test image {q['test_index']} (true: {q['true_class']}"
             head += f", predicted: {q['predicted_class']} p={q['probability']:.2f})"
+        elif q["kind"] == "item":
+            head = f"query: catalog item {q['id']} ({q['true_class']}, category {q['category']})"
         else:
             head = f"query: {q.get('source', 'image')} (predicted: {q['predicted_class']}"
             head += f" p={q['probability']:.2f})"
-        lines = [head, f"{'rank':>4}  {'catalog idx':>11}  {'class':<12}  {'distance':>9}"]
+        if q.get("filter"):
+            head += f"\nonly: {q['filter']} ({q['n_candidates']} candidates)"
+        id_title = "catalog idx" if all(isinstance(i.id, int) for i in self.items) else "item id"
+        width = max([len(id_title)] + [len(str(i.id)) for i in self.items])
+        cwidth = max([12] + [len(i.class_name) for i in self.items])
+        lines = [head, f"{'rank':>4}  {id_title:>{width}}  {'class':<{cwidth}}  {'distance':>9}"]
         for it in self.items:
-            lines.append(f"{it.rank:>4}  {it.id:>11}  {it.class_name:<12}  {it.distance:>9.4f}")
+            lines.append(f"{it.rank:>4}  {it.id!s:>{width}}  {it.class_name:<{cwidth}}  "
+                         f"{it.distance:>9.4f}")
         return "\n".join(lines)
 
 
@@ -138,37 +157,133 @@ class Recommender:
 
         t = time.perf_counter()
         accuracy = float(np.mean(self.head_.predict(f_cat) == y_cat))
+        dataset_meta = {
+            "name": dataset.name,
+            "kind": "dataset",
+            "source": dataset.source,
+            "class_names": list(dataset.class_names),
+            "image_shape": list(dataset.x_test.shape[1:]),
+            "n_train": int(cfg.n_train),
+            "n_reco": int(cfg.n_reco),
+            "catalog": f"first {cfg.n_reco} test images",
+        }
+        self._finish(info, dataset_meta, {"head_test_accuracy": accuracy},
+                     dict(embeddings=self.head_.embed(f_cat), ids=np.arange(cfg.n_reco),
+                          labels=y_cat, class_names=dataset.class_names, images=x_cat),
+                     timings, t0, t)
+        self._dataset = dataset
+        say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
+        return self
+
+    def fit_catalog(self, catalog, min_class_size=5, cache_dir=None, progress=True, log=print):
+        """Train on your own products and index them all.
+
+        Every readable image both trains the head (its class is the catalog's label;
+        the items are shuffled first, so Keras's validation split is a random 20 %)
+        and becomes a catalog item. Unreadable files and classes with fewer than
+        ``min_class_size`` images are left out and listed in :attr:`report_`.
+
+        Args:
+            catalog: a :class:`~fashionrec.catalog.Catalog` (image folder or CSV).
+            min_class_size: smallest class kept.
+            cache_dir, progress, log: as for :meth:`fit`.
+
+        Example:
+            >>> cat = Catalog.read("data/demo-catalog/folder", label_depth=2)   # doctest: +SKIP
+            >>> rec = Recommender(image_size=64).fit_catalog(cat)              # doctest: +SKIP
+            >>> rec.recommend(item="Footwear/Boots/ankle-boot-0003.jpg")       # doctest: +SKIP
+        """
+        say = log or (lambda *_: None)
+        timings = {}
+        t0 = time.perf_counter()
+        cfg = self.config
+        model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
+                                     log=say)
+        if any(label is None for label in catalog.labels):
+            raise FashionrecError("every catalog item needs a class to train on")
+        clean, self.report_ = catalog.check(min_class_size, progress)
+        say(format_report(self.report_, max_listed=5))
+        class_names = tuple(self.report_["class_counts"])
+        if len(class_names) < 2:
+            raise FashionrecError(f"the catalog has {len(class_names)} usable class(es); "
+                                  f"training needs at least 2 (see the report above)")
+        y = np.array([class_names.index(label) for label in clean.labels], dtype=np.int64)
+        self.config = RunConfig.from_dict({**cfg.to_dict(), "dataset": "catalog",
+                                           "data_dir": None, "n_train": len(clean),
+                                           "n_reco": len(clean)})
+        cfg = self.config
+        timings["setup_s"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        self.extractor_ = FeatureExtractor(model, info, cfg.extract_batch_size)
+        images = clean.images(cfg.image_size)
+        if cache_dir is not None:
+            feats = cached_features(self.extractor_, images, cache_dir, "catalog", progress,
+                                    digest=clean.content_digest())
+        else:
+            feats = self.extractor_.transform(images, progress)
+        timings["extract_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        order = np.random.default_rng(cfg.seed).permutation(len(y))
+        say(f"head: training on {len(y)} products of {len(class_names)} classes "
+            f"for {cfg.epochs} epochs")
+        self.head_ = ClassifierHead(
+            n_classes=len(class_names), epochs=cfg.epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, dropout=cfg.dropout,
+            validation_split=cfg.validation_split, seed=cfg.seed,
+            verbose="auto" if progress else 0,
+        ).fit(feats[order], y[order])
+        timings["head_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        val = self.head_.history_.get("val_accuracy")
+        dataset_meta = {
+            "name": "catalog",
+            "kind": "catalog",
+            "source": catalog.source,
+            "class_names": list(class_names),
+            "image_size": cfg.image_size,
+            "n_items": len(clean),
+            "n_skipped": self.report_["n_skipped"],
+            "min_class_size": min_class_size,
+            "content_sha256": clean.content_digest(),
+            "catalog": "every readable image of the catalog",
+        }
+        self._finish(info, dataset_meta, {"head_val_accuracy": val[-1] if val else None},
+                     dict(embeddings=self.head_.embed(feats), ids=clean.ids, labels=y,
+                          class_names=class_names, paths=[str(p) for p in clean.paths],
+                          categories=clean.categories),
+                     timings, t0, t)
+        if val:
+            say(f"head validation accuracy ({cfg.validation_split:.0%} of the products): "
+                f"{val[-1]:.4f}")
+        return self
+
+    def _finish(self, info, dataset_meta, scores, index_args, timings, t0, t):
+        """Record what made the run and build its index (shared by both fits)."""
         self.run_id_ = uuid.uuid4().hex
         self.metadata_ = {
             "run_id": self.run_id_,
             "fashionrec_version": __version__,
             "created": now_iso(),
             "versions": package_versions(),
-            "config": cfg.to_dict(),
+            "config": self.config.to_dict(),
             "backbone": info.to_dict(),
             "backbone_description": info.describe(),
-            "dataset": {
-                "name": dataset.name,
-                "source": dataset.source,
-                "class_names": list(dataset.class_names),
-                "image_shape": list(dataset.x_test.shape[1:]),
-                "n_train": int(cfg.n_train),
-                "n_reco": int(cfg.n_reco),
-                "catalog": f"first {cfg.n_reco} test images",
-            },
-            "head_test_accuracy": accuracy,
+            "dataset": dataset_meta,
+            **scores,
         }
-        self.index_ = CatalogIndex.build(
-            self.head_.embed(f_cat), ids=np.arange(cfg.n_reco), labels=y_cat,
-            class_names=dataset.class_names, images=x_cat, metadata=self.metadata_,
-        )
+        self.index_ = CatalogIndex.build(metadata=self.metadata_, **index_args)
         timings["index_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         timings["peak_rss_mb"] = peak_rss_mb()
         self.metadata_["timings"] = timings
-        self._dataset = dataset
-        say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
-        return self
+
+    @property
+    def is_catalog(self):
+        """Whether the run was trained on a product catalog (not Fashion-MNIST)."""
+        return self.metadata_.get("dataset", {}).get("kind") == "catalog"
 
     # ------------------------------------------------------------ save/load
     def _check_fitted(self):
@@ -184,9 +299,13 @@ class Recommender:
         self._check_fitted()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        IndexStore(run_dir / INDEX_FILE).reset()  # updates made to an earlier run's index
         self.head_.save(run_dir, run_id=self.run_id_)
         self.index_.save(run_dir / INDEX_FILE)
+        if getattr(self, "report_", None) is not None:
+            write_json(run_dir / REPORT_FILE, self.report_)
         write_json(run_dir / RUN_FILE, self.metadata_)
+        self.run_dir_ = run_dir
         return run_dir
 
     @classmethod
@@ -204,7 +323,8 @@ class Recommender:
         rec.metadata_ = meta
         rec.run_id_ = meta.get("run_id")
         rec.head_ = ClassifierHead.load(run_dir)
-        rec.index_ = CatalogIndex.load(run_dir / INDEX_FILE)
+        rec.index_ = IndexStore(run_dir / INDEX_FILE).load()
+        rec.run_dir_ = run_dir
         if not rec.run_id_ or {rec.head_.run_id_, rec.index_.metadata.get("run_id")} != {
                 rec.run_id_}:
             raise FashionrecError(
@@ -227,12 +347,16 @@ class Recommender:
 
     def test_images(self):
         """Images and labels of the test split the run was trained with."""
+        if self.is_catalog:
+            raise FashionrecError("this run indexes a product catalog, which has no test "
+                                  "split; query by item id or by image")
         if getattr(self, "_dataset", None) is None:
             cfg = self.config
             x, y, folder = load_split(cfg.dataset, "test", cfg.data_dir)
-            n = len(self.index_)
-            if self.index_.images is not None and not (
-                    len(x) >= n and np.array_equal(x[:n], self.index_.images)):
+            ids, images = self.index_.ids, self.index_.images
+            base = (ids >= 0) & (ids < cfg.n_reco)  # items of the trained catalog
+            if images is not None and not (
+                    len(x) >= cfg.n_reco and np.array_equal(x[ids[base]], images[base])):
                 raise FashionrecError(
                     f"the {cfg.dataset} test split in {folder} is not the one this run's "
                     f"catalog was made from; query by image instead")
@@ -240,7 +364,8 @@ class Recommender:
         return self._dataset.x_test, self._dataset.y_test
 
     def query_image(self, query):
-        """The 2-D image a query stands for, and a dict describing the query."""
+        """The image a query stands for (as the model sees it before resizing), and a
+        dict describing the query."""
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             x_test, y_test = self.test_images()
             if not 0 <= int(query) < len(x_test):
@@ -251,47 +376,203 @@ class Recommender:
                                         "true_label": label,
                                         "true_class": self.class_names[label]}
         if isinstance(query, (str, Path)):
-            return load_image(query, self._image_shape()), {"kind": "file", "source": str(query)}
+            image = (read_image(query, self.config.image_size) if self.is_catalog
+                     else load_image(query, self._image_shape()))
+            return image, {"kind": "file", "source": str(query)}
         if isinstance(query, np.ndarray):
-            return to_gray(query, self._image_shape()), {"kind": "array", "source": "array"}
+            image = (image_from_array(query, self.config.image_size) if self.is_catalog
+                     else to_gray(query, self._image_shape()))
+            return image, {"kind": "array", "source": "array"}
         raise FashionrecError(
             f"a query is a test index, an image path or an image array, not {type(query).__name__}")
 
     def _image_shape(self):
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]
 
-    def recommend(self, query, k=6):
-        """The ``k`` catalog items nearest to ``query``.
+    def item_image(self, item_id):
+        """A catalog item's picture for display, or ``None`` if its file is gone."""
+        row = self.index_.row_of(item_id)
+        if row is None:
+            raise FashionrecError(f"item {item_id!r} is not in the catalog")
+        if self.index_.images is not None:
+            return self.index_.images[row]
+        if self.index_.paths is not None and self.index_.paths[row]:
+            try:
+                return read_image(self.index_.paths[row], DISPLAY_SIZE)
+            except FashionrecError:
+                return None
+        return None
+
+    def recommend(self, query=None, k=6, *, item=None, same_class=False, category=None):
+        """The ``k`` catalog items nearest to a query.
 
         Args:
-            query: a test-split index (``int``), an image file path, or an image array
-                (``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``, values 0-255).
+            query: a test-split index (``int``, Fashion-MNIST runs), an image file path
+                (a new product), or an image array (``(H, W)``, ``(H, W, 1)``,
+                ``(H, W, 3)`` or ``(H, W, 4)``, values 0-255).
             k: how many items.
+            item: instead of ``query``, the id of a catalog item (no image is read:
+                its stored vector is the query).
+            same_class: only items of the query's class (an item's own class, else the
+                head's prediction for the query image).
+            category: only items whose category path contains this (whole levels,
+                any case: ``"Boots"`` matches ``"Shoes/Boots/Brand"``); items without
+                a category are matched by their class name.
 
-        A query that is itself in the catalog never gets itself back.
+        A query that is itself in the catalog never gets itself back. With a filter,
+        fewer than ``k`` items come back when fewer match.
         """
         self._check_fitted()
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise FashionrecError(f"k must be a positive integer, got {k!r}")
-        if k > len(self.index_) - 1:
-            raise FashionrecError(f"k={k} is more than the catalog's {len(self.index_) - 1} "
+        if (query is None) == (item is None):
+            raise FashionrecError("give either a query (test index, image) or an item id")
+        index = self.index_
+        if item is not None:
+            row = index.row_of(item)
+            if row is None:
+                raise FashionrecError(f"item {item!r} is not in the catalog")
+            label = int(index.labels[row])
+            info = {"kind": "item", "id": index.ids[row].item() if index.id_kind == "int"
+                    else index.ids[row], "true_label": label,
+                    "true_class": self.class_names[label], "category": index.category_of(row)}
+            if index.paths is not None:
+                info["path"] = index.paths[row]
+            vector, query_class, own_row = index.vectors[row:row + 1], label, row
+            image = self.item_image(item)
+        else:
+            image, info = self.query_image(query)
+            feats = self.extractor.transform(image[None])
+            probs = self.head_.predict_proba(feats)[0]
+            pred = int(probs.argmax())
+            info.update(predicted_label=pred, predicted_class=self.class_names[pred],
+                        probability=float(probs[pred]))
+            vector = index.transform(self.head_.embed(feats))
+            query_class = pred
+            own_row = index.row_of(info["test_index"]) if info["kind"] == "test_index" else None
+        allowed = None
+        if same_class or category is not None:
+            mask = np.ones(len(index), dtype=bool)
+            wanted = []
+            if same_class:
+                mask &= index.labels == query_class
+                wanted.append(f"class {self.class_names[query_class]}")
+            if category is not None:
+                mask &= category_matches(index.all_categories(), category)
+                wanted.append(f"category {category}")
+            if own_row is not None:
+                mask[own_row] = False
+            allowed = np.flatnonzero(mask)
+            info.update(filter=" and ".join(wanted), n_candidates=int(len(allowed)))
+            if not len(allowed):
+                raise FashionrecError(f"no other catalog item is in {info['filter']}")
+            k = min(k, len(allowed))
+        elif k > len(index) - 1:
+            raise FashionrecError(f"k={k} is more than the catalog's {len(index) - 1} "
                                   f"other items")
-        image, info = self.query_image(query)
-        feats = self.extractor.transform(image[None])
-        probs = self.head_.predict_proba(feats)[0]
-        pred = int(probs.argmax())
-        info.update(predicted_label=pred, predicted_class=self.class_names[pred],
-                    probability=float(probs[pred]))
-        vector = self.index_.transform(self.head_.embed(feats))
-        exclude = [info["test_index"]] if info["kind"] == "test_index" else None
-        rows, dists = self.index_.search(vector, k, exclude_ids=exclude)
-        items = [
-            Item(rank=r + 1, id=int(self.index_.ids[row]), label=int(self.index_.labels[row]),
-                 class_name=self.class_names[int(self.index_.labels[row])],
-                 distance=float(d))
-            for r, (row, d) in enumerate(zip(rows[0], dists[0], strict=True))
-        ]
+        exclude = None if own_row is None or allowed is not None else [own_row]
+        rows, dists = index.search_rows(vector, k, exclude, allowed)
+        items = [self._item(r + 1, row, d) for r, (row, d) in
+                 enumerate(zip(rows[0], dists[0], strict=True))]
         return Recommendation(query=info, items=items, image=image)
+
+    def _item(self, rank, row, distance):
+        index = self.index_
+        item_id = index.ids[row]
+        return Item(rank=rank, id=int(item_id) if index.id_kind == "int" else str(item_id),
+                    label=int(index.labels[row]),
+                    class_name=self.class_names[int(index.labels[row])],
+                    distance=float(distance),
+                    category=index.category_of(row) if index.categories is not None else None,
+                    path=str(index.paths[row]) if index.paths is not None else None)
+
+    # ------------------------------------------------------ a living catalog
+    def read_catalog(self, path, **options):
+        """Read a folder or CSV of products with the options this run was trained with
+        (label depth, columns, pattern), each overridable."""
+        saved = {k: v for k, v in self.metadata_.get("dataset", {}).get("source", {}).items()
+                 if k in ("label_depth", "label_column", "id_column", "image_column",
+                          "image_pattern", "category_columns")}
+        if Path(path).is_dir():
+            saved = {k: v for k, v in saved.items() if k == "label_depth"}
+        return Catalog.read(path, **{**saved, **{k: v for k, v in options.items()
+                                                 if v is not None}})
+
+    def add(self, catalog, progress=True, log=print):
+        """Add new products to the saved index without retraining.
+
+        Their images go through the run's backbone and head; their vectors are
+        standardized with the catalog's scaler and written as one new segment of the
+        saved index (the rest is not rewritten; see :class:`~fashionrec.index.IndexStore`).
+
+        Args:
+            catalog: a :class:`~fashionrec.catalog.Catalog` of the new products (e.g.
+                :meth:`read_catalog` or ``Catalog.from_files``). An item without a class
+                gets the head's prediction; an item of a class the head does not know
+                is skipped (retrain to add classes).
+
+        Returns:
+            A report: ``n_added``, ``added`` ids with their classes, ``skipped`` items.
+        """
+        self._check_fitted()
+        say = log or (lambda *_: None)
+        store = self._store()
+        clean, report = catalog.check(min_class_size=1, progress=progress)
+        keep, labels, skipped = [], [], list(report["skipped"])
+        for i, label in enumerate(clean.labels):
+            if label is not None and label not in self.class_names:
+                skipped.append({"id": clean.ids[i], "path": str(clean.paths[i]),
+                                "kind": "unknown class",
+                                "reason": f"class {label!r} is not one this run was trained "
+                                          f"on; retrain to add classes"})
+                continue
+            keep.append(i)
+            labels.append(None if label is None else self.class_names.index(label))
+        clean = clean.subset(keep)
+        ids = [self.index_.parse_id(i) for i in clean.ids]
+        result = {"n_added": 0, "added": [], "skipped": skipped}
+        if not len(clean):
+            say("add: no usable new products")
+            return result
+        if self.is_catalog:
+            images = clean.images(self.config.image_size)
+            stored_images = None
+        else:  # a Fashion-MNIST catalog stores 28x28 gray images; the new items too
+            stored_images = np.stack([load_image(p, self._image_shape()) for p in clean.paths])
+            images = stored_images
+        feats = self.extractor.transform(images, progress)
+        predicted = self.head_.predict(feats)
+        labels = [int(p) if lab is None else lab for lab, p in zip(labels, predicted, strict=True)]
+        part = CatalogIndex(
+            self.index_.transform(self.head_.embed(feats)), ids, labels, self.class_names,
+            self.index_.scaler,
+            None if stored_images is None else np.clip(stored_images, 0, 255).astype(np.uint8),
+            paths=[str(p) for p in clean.paths], categories=clean.categories)
+        store.add(part)
+        self.index_ = store.load()
+        result.update(n_added=len(ids), added=[
+            {"id": i, "class": self.class_names[lab],
+             "class_from": "catalog" if given is not None else "predicted"}
+            for i, lab, given in zip(ids, labels, clean.labels, strict=True)])
+        say(f"add: {len(ids)} product(s) added, {len(skipped)} skipped; the catalog now "
+            f"holds {len(self.index_)} items")
+        return result
+
+    def remove(self, ids, log=print):
+        """Remove discontinued products (by id) from the saved index; all or nothing."""
+        self._check_fitted()
+        store = self._store()
+        store.remove(list(ids))
+        self.index_ = store.load()
+        if log:
+            log(f"remove: {len(ids)} product(s) removed; the catalog now holds "
+                f"{len(self.index_)} items")
+        return self
+
+    def _store(self):
+        if getattr(self, "run_dir_", None) is None:
+            raise FashionrecError("save() the run first: updates go to its saved index")
+        return IndexStore(Path(self.run_dir_) / INDEX_FILE)
 
 
 def to_gray(image, shape):

@@ -1,0 +1,413 @@
+"""Stage 1 (own products) — catalog: a shop's product images, from an image folder
+or a CSV manifest, checked image by image.
+
+Two layouts are read:
+
+* an image folder, ``root/<category>/<subcategory>/.../<file>`` (like UT Zappos50K's
+  ``Shoes/Boots/Brand/*.jpg``): an item's id is its path below ``root``; its class
+  is its first folder level, or the first ``label_depth`` levels joined by ``/``;
+  its category is its whole folder path;
+* a CSV manifest (like Kaggle's Fashion Product Images ``styles.csv`` beside
+  ``images/<id>.jpg``): an id column, a label column of your choice, and either an
+  image-path column or an id -> path pattern such as ``images/{id}.jpg``; paths are
+  relative to the CSV's folder; optional category columns are joined by ``/``.
+
+:meth:`Catalog.check` then reads every image once (JPEG, PNG, WebP; any size,
+colour, gray or with alpha): unreadable or corrupt files, missing files, rows
+without a label, duplicate ids and classes with too few images are skipped,
+counted and listed in a report, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import FashionrecError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+BACKGROUND = (255, 255, 255)  # product photos sit on white: transparency and padding
+
+
+@dataclass
+class Catalog:
+    """Products to index: one id, image path, class and category per item.
+
+    Build one with :meth:`from_folder`, :meth:`from_csv`, :meth:`from_files` or
+    :meth:`read` (either layout, by path); :meth:`check` reads the images.
+
+    Attributes:
+        ids: item ids (strings, unique).
+        paths: image files (absolute).
+        labels: class names; ``None`` where unknown (a new product: the head predicts it).
+        categories: ``/``-joined category paths used by category filters.
+        source: how the catalog was read (layout and options), saved with a run.
+        skipped: ``{"id", "path", "reason"}`` of every listed item left out so far.
+        sha256: the image files' SHA-256, once :meth:`check` has read them.
+
+    Example:
+        >>> cat = Catalog.read("data/demo-catalog/folder")          # doctest: +SKIP
+        >>> clean, report = cat.check(min_class_size=5)              # doctest: +SKIP
+        >>> print(format_report(report))                             # doctest: +SKIP
+    """
+
+    ids: list
+    paths: list
+    labels: list
+    categories: list
+    source: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+    sha256: list | None = None
+
+    def __post_init__(self):
+        n = len(self.ids)
+        if not len(self.paths) == len(self.labels) == len(self.categories) == n:
+            raise FashionrecError("catalog columns disagree in length")
+
+    def __len__(self):
+        return len(self.ids)
+
+    # ------------------------------------------------------------ readers
+    @classmethod
+    def read(cls, path, label_depth=1, label_column="label", id_column="id",
+             image_column=None, image_pattern="images/{id}.jpg", category_columns=None):
+        """A folder (image-folder layout) or a ``.csv`` file (manifest layout)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_folder(path, label_depth)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            return cls.from_csv(path, label_column, id_column, image_column, image_pattern,
+                                category_columns)
+        if not path.exists():
+            raise FashionrecError(f"catalog {path} does not exist")
+        raise FashionrecError(f"catalog {path} is neither a folder of images nor a .csv file")
+
+    @classmethod
+    def from_folder(cls, root, label_depth=1):
+        """Every file below ``root``; class = the first ``label_depth`` folder levels."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FashionrecError(f"catalog folder {root} does not exist")
+        if isinstance(label_depth, bool) or not isinstance(label_depth, int) or label_depth < 1:
+            raise FashionrecError(f"label_depth must be an integer >= 1, got {label_depth!r}")
+        ids, paths, labels, categories, skipped = [], [], [], [], []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue  # hidden files and folders (.DS_Store, .git, our temp files)
+            item = {"id": rel.as_posix(), "path": str(path)}
+            folders = rel.parts[:-1]
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(_skip(item, "not an image file",
+                                     f"extension {path.suffix or '(none)'} is not one of "
+                                     f"{', '.join(IMAGE_EXTENSIONS)}"))
+            elif len(folders) < label_depth:
+                skipped.append(_skip(item, "no class folder",
+                                     f"fewer than {label_depth} folder level(s) above it"))
+            else:
+                ids.append(rel.as_posix())
+                paths.append(path.resolve())
+                labels.append("/".join(folders[:label_depth]))
+                categories.append("/".join(folders))
+        source = {"layout": "folder", "root": str(root.resolve()), "label_depth": label_depth}
+        return cls(ids, paths, labels, categories, source, skipped)
+
+    @classmethod
+    def from_csv(cls, csv_path, label_column="label", id_column="id", image_column=None,
+                 image_pattern="images/{id}.jpg", category_columns=None):
+        """Rows of a CSV manifest; image paths relative to the CSV's folder.
+
+        Args:
+            csv_path: the manifest.
+            label_column: the column holding each item's class.
+            id_column: the column holding each item's id.
+            image_column: a column holding each image's path; else ``image_pattern``.
+            image_pattern: an id -> path pattern, ``{id}`` replaced by the id.
+            category_columns: columns joined by ``/`` into the item's category
+                (default: the label column).
+        """
+        csv_path = Path(csv_path)
+        base = csv_path.parent
+        if image_column is None and "{id}" not in (image_pattern or ""):
+            raise FashionrecError(f"image_pattern must contain {{id}}, got {image_pattern!r}")
+        if isinstance(category_columns, str):
+            category_columns = [c for c in category_columns.split(",") if c]
+        category_columns = list(category_columns or [label_column])
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = list(reader.fieldnames or [])
+                wanted = [id_column, label_column, *category_columns]
+                wanted += [image_column] if image_column else []
+                missing = [c for c in dict.fromkeys(wanted) if c not in columns]
+                if missing:
+                    raise FashionrecError(
+                        f"{csv_path} has no column {', '.join(map(repr, missing))}; its columns "
+                        f"are {', '.join(columns) or '(none)'}")
+                rows = list(reader)
+        except FileNotFoundError:
+            raise FashionrecError(f"catalog manifest {csv_path} does not exist") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise FashionrecError(f"cannot read catalog manifest {csv_path} ({exc})") from None
+        ids, paths, labels, categories, skipped, seen = [], [], [], [], [], set()
+        for line, row in enumerate(rows, start=2):
+            item_id = (row.get(id_column) or "").strip()
+            label = (row.get(label_column) or "").strip()
+            rel = (row.get(image_column) or "").strip() if image_column else (
+                image_pattern.replace("{id}", item_id))
+            path = base / rel
+            item = {"id": item_id, "path": str(path), "line": line}
+            if not item_id:
+                skipped.append(_skip(item, "no id", f"line {line}: empty {id_column}"))
+            elif item_id in seen:
+                skipped.append(_skip(item, "duplicate id", f"line {line}: {id_column} "
+                                                           f"{item_id!r} seen before"))
+            elif not label:
+                skipped.append(_skip(item, "no label", f"line {line}: empty {label_column}"))
+            elif not rel or not path.is_file():
+                skipped.append(_skip(item, "image file missing", f"{path} does not exist"))
+            else:
+                seen.add(item_id)
+                ids.append(item_id)
+                paths.append(path.resolve())
+                labels.append(label)
+                categories.append("/".join((row.get(c) or "").strip() for c in category_columns))
+        source = {"layout": "csv", "manifest": str(csv_path.resolve()), "id_column": id_column,
+                  "label_column": label_column, "image_column": image_column,
+                  "image_pattern": None if image_column else image_pattern,
+                  "category_columns": category_columns}
+        return cls(ids, paths, labels, categories, source, skipped)
+
+    @classmethod
+    def from_files(cls, paths, ids=None, labels=None, categories=None):
+        """Loose image files (e.g. new products); ids default to the file names."""
+        paths = [Path(p) for p in paths]
+        ids = [p.name for p in paths] if ids is None else [str(i) for i in ids]
+        labels = [None] * len(paths) if labels is None else list(labels)
+        if len(ids) != len(paths) or len(labels) != len(paths):
+            raise FashionrecError("give one id and one label per image file")
+        for p in paths:
+            if not p.is_file():
+                raise FashionrecError(f"image {p} does not exist")
+        categories = [lab or "" for lab in labels] if categories is None else list(categories)
+        return cls(ids, [p.resolve() for p in paths], labels, categories,
+                   {"layout": "files"}, [])
+
+    # ------------------------------------------------------------ checking
+    def subset(self, keep):
+        """The items at positions ``keep`` (skipped list and source kept)."""
+        keep = list(keep)
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        return replace(self, ids=pick(self.ids), paths=pick(self.paths),
+                       labels=pick(self.labels), categories=pick(self.categories),
+                       skipped=list(self.skipped),
+                       sha256=None if self.sha256 is None else pick(self.sha256))
+
+    def check(self, min_class_size=1, progress=True):
+        """Read every image once; return ``(clean catalog, report)``.
+
+        Unreadable images, and (when ``min_class_size`` > 1) every item of a class
+        with fewer images than that, are left out and listed in the report. The
+        clean catalog knows each file's SHA-256 (the feature cache is keyed by them).
+        """
+        keep, digests, skipped = [], [], list(self.skipped)
+        for i in tqdm(range(len(self)), desc="check images", unit="img", disable=not progress,
+                      dynamic_ncols=True):
+            item = {"id": self.ids[i], "path": str(self.paths[i])}
+            try:
+                digest = verify_image(self.paths[i])
+            except FashionrecError as exc:
+                kind = "unreadable image" if self.paths[i].is_file() else "image file missing"
+                skipped.append(_skip(item, kind, str(exc)))
+                continue
+            keep.append(i)
+            digests.append(digest)
+        counts = Counter(self.labels[i] for i in keep if self.labels[i] is not None)
+        small = {c: n for c, n in sorted(counts.items()) if n < min_class_size}
+        if small:
+            keep_small = [(i, d) for i, d in zip(keep, digests, strict=True)
+                          if self.labels[i] in small]
+            for i, _ in keep_small:
+                skipped.append(_skip(
+                    {"id": self.ids[i], "path": str(self.paths[i])}, "class too small",
+                    f"class {self.labels[i]!r} has {small[self.labels[i]]} image(s), "
+                    f"fewer than min_class_size {min_class_size}"))
+            pairs = [(i, d) for i, d in zip(keep, digests, strict=True) if self.labels[i] not in small]
+            keep, digests = [i for i, _ in pairs], [d for _, d in pairs]
+        clean = self.subset(keep)
+        clean.sha256, clean.skipped = digests, []
+        report = {
+            "source": self.source,
+            "n_listed": len(self) + len(self.skipped),
+            "n_ok": len(clean),
+            "n_skipped": len(skipped),
+            "skipped_by_kind": dict(Counter(s["kind"] for s in skipped)),
+            "min_class_size": min_class_size,
+            "class_counts": {c: n for c, n in sorted(counts.items()) if c not in small},
+            "small_classes": small,
+            "skipped": skipped,
+        }
+        return clean, report
+
+    def content_digest(self):
+        """One SHA-256 over all image files, in order (after :meth:`check`)."""
+        if self.sha256 is None:
+            raise FashionrecError("call check() first: the catalog's images are not read yet")
+        h = hashlib.sha256()
+        for item_id, digest in zip(self.ids, self.sha256, strict=True):
+            h.update(f"{item_id}\0{digest}\n".encode())
+        return h.hexdigest()
+
+    def images(self, size):
+        """The images as a lazy ``(N, size, size, 3)`` uint8 sequence (decoded per batch)."""
+        return ImageFiles(self.paths, size)
+
+
+def _skip(item, kind, reason):
+    """A skipped item: what it was, a short kind (for counting) and the full reason."""
+    return {**item, "kind": kind, "reason": reason}
+
+
+def format_report(report, max_listed=10):
+    """The report as a few lines for a terminal."""
+    lines = [f"catalog: {report['n_ok']} of {report['n_listed']} items usable, "
+             f"{report['n_skipped']} skipped, {len(report['class_counts'])} classes"]
+    if report["skipped_by_kind"]:
+        lines.append("  skipped: " + ", ".join(f"{n} {k}"
+                                               for k, n in report["skipped_by_kind"].items()))
+    if report["small_classes"]:
+        lines.append(f"  classes under min_class_size {report['min_class_size']} (left out): "
+                     + ", ".join(f"{c} ({n})" for c, n in report["small_classes"].items()))
+    lines += format_skipped(report["skipped"], max_listed)
+    return "\n".join(lines)
+
+
+def format_skipped(skipped, max_listed=10):
+    """One line per skipped item (the first ``max_listed``)."""
+    lines = [f"  - {s['id'] or s['path']}: {s['kind']}: {s['reason']}"
+             for s in skipped[:max_listed]]
+    if len(skipped) > max_listed:
+        lines.append(f"  ... and {len(skipped) - max_listed} more (see the JSON report)")
+    return lines
+
+
+# ---------------------------------------------------------------- images
+def _decode(data, path):
+    """A fully decoded PIL image from bytes; any failure is a FashionrecError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise FashionrecError(f"cannot read image {path} (empty file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decodes everything: a truncated file fails here
+            img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise FashionrecError(f"cannot read image {path} (not a JPEG, PNG or WebP image, "
+                              f"or its header is corrupt)") from None
+    except Exception as exc:  # PIL raises many types for bad files
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise FashionrecError(f"cannot read image {path} ({msg})") from None
+    if min(img.size) < 1:
+        raise FashionrecError(f"cannot read image {path} (empty image)")
+    return img
+
+
+def verify_image(path):
+    """Read and decode ``path``; return its SHA-256, or raise a one-line error."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FashionrecError(f"image file missing: {path}") from None
+    except OSError as exc:
+        raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
+    _decode(data, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image(path, size=None):
+    """An image file as RGB uint8: transparency composited on white; with ``size``,
+    padded to a square with white (no distortion) and resized to ``size`` x ``size``."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
+    return _to_rgb(_decode(data, path), size)
+
+
+def image_from_array(image, size=None):
+    """An image array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
+    0-255) prepared exactly like an image file by :func:`read_image`."""
+    from PIL import Image
+
+    x = np.asarray(image)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (3, 4))) or min(x.shape[:2]) < 1:
+        raise FashionrecError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or "
+                              f"(H, W, 4), got {np.shape(image)}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise FashionrecError("the image array has NaN or infinite values")
+    return _to_rgb(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)), size)
+
+
+def _to_rgb(img, size):
+    from PIL import Image, ImageOps
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        img.alpha_composite(rgba)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float gray
+        arr = np.asarray(img, dtype=np.float64)
+        span = max(float(arr.max() - arr.min()), 1e-12)
+        img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
+    img = img.convert("RGB")
+    if size is not None:
+        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR,
+                           color=BACKGROUND)
+    return np.asarray(img, dtype=np.uint8)
+
+
+class ImageFiles:
+    """A list of image files that reads like an ``(N, size, size, 3)`` uint8 array:
+    slicing decodes just those files, so extraction streams from disk."""
+
+    def __init__(self, paths, size):
+        self.paths = list(paths)
+        self.size = int(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def shape(self):
+        return (len(self), self.size, self.size, 3)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return np.stack([read_image(p, self.size) for p in self.paths[key]]) if (
+                self.paths[key]) else np.zeros((0, self.size, self.size, 3), np.uint8)
+        return read_image(self.paths[key], self.size)
+
+
+def category_matches(categories, wanted):
+    """Boolean mask: items whose ``/``-separated category path contains ``wanted`` as
+    whole levels (case-insensitive): ``"Boots"`` and ``"Shoes/Boots"`` both match
+    ``"Shoes/Boots/Brand"``."""
+    want = "/" + "/".join(p for p in str(wanted).strip().lower().split("/") if p) + "/"
+    if want == "//":
+        raise FashionrecError("an empty category matches nothing")
+    return np.array([want in "/" + str(c).lower() + "/" for c in categories], dtype=bool)
