@@ -2,6 +2,7 @@
 #   make train DATASET=fashion_mnist N_TRAIN=15000 N_RECO=5000 IMAGE_SIZE=224 EPOCHS=32 \
 #              BATCH_SIZE=64 WEIGHTS=imagenet BACKBONE=resnet50 RUN_DIR=runs/default
 #   make recommend IDX=5033 K=6
+#   make demo-catalog          # your-own-products walk-through on a generated catalog
 PYTHON     ?= python3
 VENV       ?= .venv
 DATASET    ?= fashion_mnist
@@ -18,11 +19,15 @@ IDX        ?= 5033
 K          ?= 6
 N_HELDOUT  ?=
 PYTEST_ARGS ?=
+DEMO_DIR   ?= data/demo-catalog
+DEMO_RUN   ?= runs/demo-catalog
+DEMO_SIZE  ?= 112
+DEMO_EPOCHS ?= 20
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
-.PHONY: install train recommend evaluate plot test lint bench experiments clean
+.PHONY: install train recommend evaluate plot test lint bench experiments demo-catalog clean
 
 install: $(STAMP)
 
@@ -59,6 +64,26 @@ bench: $(STAMP)
 experiments: $(STAMP)
 	$(BIN)/python experiments/features.py --size 224
 	$(BIN)/python experiments/quality.py all
+
+# A generated shop catalog (from Fashion-MNIST, offline) in both layouts: train on the
+# image folder, recommend by item id and for a new photo, add and remove products,
+# then train on the CSV layout.
+demo-catalog: $(STAMP)
+	$(BIN)/python -m fashionrec.demo $(DEMO_DIR) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(BIN)/fashionrec train --catalog $(DEMO_DIR)/folder --label-depth 2 \
+	  --image-size $(DEMO_SIZE) --epochs $(DEMO_EPOCHS) --run-dir $(DEMO_RUN) --no-progress
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN) --item Footwear/Boots/acme/boots-0000.jpg
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN) --image $(DEMO_DIR)/query-sneaker.png \
+	  --category Footwear
+	$(BIN)/fashionrec add --run-dir $(DEMO_RUN) --catalog $(DEMO_DIR)/new --no-progress
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN) \
+	  --item Clothing/Dresses/newbrand/new-dresses-0.jpg --same-class
+	$(BIN)/fashionrec remove --run-dir $(DEMO_RUN) Footwear/Boots/acme/boots-0000.jpg
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN) --image $(DEMO_DIR)/query-dress.png --json
+	$(BIN)/fashionrec train --catalog $(DEMO_DIR)/csv/styles.csv --label-column articleType \
+	  --category-columns masterCategory,subCategory,articleType --image-size $(DEMO_SIZE) \
+	  --epochs $(DEMO_EPOCHS) --run-dir $(DEMO_RUN)-csv --no-progress
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN)-csv --item 10300 --category Footwear
 
 clean:
 	rm -rf $(RUN_DIR) .pytest_cache

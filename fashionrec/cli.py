@@ -257,7 +257,7 @@ def _train_catalog(args):
 
 
 def _slug(text):
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "query"
+    return re.sub(r"[^A-Za-z0-9-]+", "_", str(text)).strip("_") or "query"
 
 
 def cmd_recommend(args):

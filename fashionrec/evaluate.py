@@ -120,6 +120,10 @@ def evaluate(rec, n_heldout=None, cache_dir=None, ks=KS, progress=True, log=prin
     """
     say = log or (lambda *_: None)
     index = rec.index_
+    if rec.is_catalog:
+        raise FashionrecError("evaluate scores a run against its dataset's test split; a "
+                              "product-catalog run has none (its head accuracy on held-back "
+                              "products is in run.json: head_val_accuracy)")
     x_test, y_test = rec.test_images()
     n_reco = len(index)
     if not np.array_equal(index.ids, np.arange(n_reco)):

@@ -37,10 +37,18 @@ def plot_history(history, path, title="head training"):
     return _save(fig, path)
 
 
-def _short(item_id, width=22):
-    """An id that fits under a thumbnail: long paths keep their end."""
+def _short(item_id, width=26):
+    """An id that fits under a thumbnail: a long path keeps its last whole levels."""
     text = str(item_id)
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    if len(text) <= width:
+        return text
+    parts = text.split("/")
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(part) + len(tail) + 3 > width:
+            break
+        tail = f"{part}/{tail}"
+    return "…/" + tail if len(tail) + 2 <= width else "…" + tail[-(width - 1):]
 
 
 def plot_recommendation(recommendation, query_image, item_image, path):

@@ -467,9 +467,10 @@ class Recommender:
             if not len(allowed):
                 raise FashionrecError(f"no other catalog item is in {info['filter']}")
             k = min(k, len(allowed))
-        elif k > len(index) - 1:
-            raise FashionrecError(f"k={k} is more than the catalog's {len(index) - 1} "
-                                  f"other items")
+        elif k > len(index) - (own_row is not None):
+            n = len(index) - (own_row is not None)
+            raise FashionrecError(f"k={k} is more than the catalog's {n} "
+                                  f"{'other ' if own_row is not None else ''}items")
         exclude = None if own_row is None or allowed is not None else [own_row]
         rows, dists = index.search_rows(vector, k, exclude, allowed)
         items = [self._item(r + 1, row, d) for r, (row, d) in

@@ -21,3 +21,17 @@ def test_recommendation_grid_is_a_png(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (3, 28, 28))
     path = plot_recommendation(result, images[0], lambda i: images[i], tmp_path / "r.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_product_grid_shows_colour_long_ids_and_missing_images(tmp_path):
+    result = Recommendation(
+        query={"kind": "item", "id": "Shoes/Boots/acme/very-long-product-name-0001.jpg",
+               "true_class": "Shoes/Boots", "category": "Shoes/Boots/acme",
+               "filter": "category Shoes", "n_candidates": 5},
+        items=[Item(r + 1, f"Shoes/Boots/acme/{r}.jpg", 0, "Shoes/Boots", float(r),
+                    "Shoes/Boots/acme", f"/shop/{r}.jpg") for r in range(3)],
+    )
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3)).astype(np.uint8)
+    path = plot_recommendation(result, rgb, lambda i: None if i.endswith("1.jpg") else rgb,
+                               tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""The library example in README.md runs as written."""
+"""The library examples in README.md run as written."""
 
 import re
 from pathlib import Path
@@ -6,12 +6,27 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_library_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
+def _example(marker):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    example = [b for b in blocks if "Recommender.load" in b]
-    assert example, "README.md has no library example"
+    found = [b for b in blocks if marker in b]
+    assert found, f"README.md has no library example with {marker}"
+    return found[0]
+
+
+def test_readme_library_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
     monkeypatch.chdir(tmp_path)
-    exec(compile(example[0], "README.md", "exec"), {})
+    exec(compile(_example("Recommender.load"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "query: test image 5033" in out
     assert (tmp_path / "runs" / "quick" / "run.json").is_file()
+
+
+def test_readme_catalog_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_example("fit_catalog"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "catalog: 120 of 125 items usable, 5 skipped, 10 classes" in out
+    assert "query: catalog item Footwear/Boots/acme/boots-0000.jpg" in out
+    assert "only: category Footwear" in out
+    assert "139 products in the living index" in out
+    assert (tmp_path / "runs" / "shop" / "index.manifest.json").is_file()
