@@ -60,6 +60,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_extract.py --sizes 32,64,112,224
 	$(BIN)/python experiments/bench_query.py
+	$(BIN)/python experiments/bench_update.py
 
 experiments: $(STAMP)
 	$(BIN)/python experiments/features.py --size 224

@@ -194,6 +194,10 @@ class Catalog:
         labels = [None] * len(paths) if labels is None else list(labels)
         if len(ids) != len(paths) or len(labels) != len(paths):
             raise FashionrecError("give one id and one label per image file")
+        twice = [i for i, n in Counter(ids).items() if n > 1]
+        if twice:
+            raise FashionrecError(f"two images would share the id {twice[0]!r}; give each "
+                                  f"its own id")
         for p in paths:
             if not p.is_file():
                 raise FashionrecError(f"image {p} does not exist")

@@ -158,13 +158,7 @@ class CatalogIndex:
 
     def parse_id(self, item_id):
         """``item_id`` as this index's id type (``"17"`` -> ``17`` for integer ids)."""
-        if self.id_kind == "str":
-            return str(item_id)
-        try:
-            return int(item_id)
-        except (TypeError, ValueError):
-            raise FashionrecError(f"this catalog's item ids are integers, not {item_id!r}"
-                                  ) from None
+        return parse_id(item_id, self.id_kind)
 
     def row_of(self, item_id):
         """Row of catalog item ``item_id`` or ``None``."""
@@ -211,40 +205,42 @@ class CatalogIndex:
 
     def take(self, rows):
         """A new index of the items at ``rows`` (same scaler, classes and metadata)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        return CatalogIndex(self.vectors[rows], self.ids[rows], self.labels[rows],
-                            self.class_names, self.scaler, pick(self.images), self.metadata,
-                            pick(self.paths), pick(self.categories))
+        return CatalogIndex.concat([self], [rows])
 
     @classmethod
-    def concat(cls, parts):
-        """One index of all items of ``parts`` (the first part's scaler and metadata)."""
+    def concat(cls, parts, rows=None):
+        """One index of the items of ``parts`` (all, or ``rows[i]`` of part ``i``), in
+        order, with the first part's scaler and metadata. Each array is gathered
+        straight into its result, so memory holds the parts plus one copy."""
         first = parts[0]
-        for p in parts[1:]:
+        rows = [np.arange(len(p)) if r is None else np.asarray(r, dtype=np.int64)
+                for p, r in zip(parts, rows or [None] * len(parts), strict=True)]
+        for p, r in zip(parts[1:], rows[1:], strict=True):
             if p.class_names != first.class_names or p.dim != first.dim:
                 raise FashionrecError("index parts have different classes or dimensions")
-            if p.id_kind != first.id_kind and len(p):
+            if p.id_kind != first.id_kind and len(r):
                 raise FashionrecError("index parts mix integer and string ids")
+        if len({p.images is None for p in parts}) > 1:
+            raise FashionrecError("index parts disagree on storing images")
 
-        def join(name, fill):
+        def gather(name, fill=None):
             arrays = [getattr(p, name) for p in parts]
             if all(a is None for a in arrays):
                 return None
-            return np.concatenate([a if a is not None else fill(p)
-                                   for a, p in zip(arrays, parts, strict=True)])
+            like = next(a for a in arrays if a is not None)
+            out = np.empty((sum(map(len, rows)), *like.shape[1:]), dtype=like.dtype)
+            start = 0
+            for a, r in zip(arrays, rows, strict=True):
+                if a is None:
+                    out[start:start + len(r)] = fill
+                else:
+                    np.take(a, r, axis=0, out=out[start:start + len(r)], mode="clip")
+                start += len(r)
+            return out
 
-        if any(p.images is None for p in parts) and any(p.images is not None for p in parts):
-            raise FashionrecError("index parts disagree on storing images")
-        return cls(
-            np.concatenate([p.vectors for p in parts]),
-            np.concatenate([p.ids for p in parts]) if first.id_kind == "int" else
-            _as_strings([i for p in parts for i in p.ids]),
-            np.concatenate([p.labels for p in parts]), first.class_names, first.scaler,
-            join("images", None), first.metadata,
-            join("paths", lambda p: _as_strings([""] * len(p))),
-            join("categories", lambda p: _as_strings([""] * len(p))),
-        )
+        return cls(gather("vectors"), gather("ids"), gather("labels"), first.class_names,
+                   first.scaler, gather("images"), first.metadata,
+                   gather("paths", ""), gather("categories", ""))
 
     def save(self, path):
         """Write the index to ``path`` atomically."""
@@ -276,37 +272,66 @@ class CatalogIndex:
     def load(cls, path):
         """Read an index written by :meth:`save`; a foreign or corrupt file is a
         :class:`FashionrecError`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FashionrecError(f"index {path} does not exist")
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("format") != FORMAT:
-                    raise FashionrecError(f"{path} is not a fashionrec index (foreign HDF5 file)")
-                version = int(f.attrs.get("format_version", -1))
-                if version not in READABLE_VERSIONS:
-                    raise FashionrecError(
-                        f"{path} has index format {version}; this fashionrec reads "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}")
-                scaler = scaler_from_arrays({k: f["scaler"][k][()] for k in f["scaler"]})
-                ids = f["ids"][:]
-                if f.attrs.get("id_kind", "int") == "str":
-                    ids = _as_strings(ids)
-                strings = {name: _as_strings(f[name][:]) if name in f else None
-                           for name in ("paths", "categories")}
-                return cls(
-                    f["vectors"][:], ids, f["labels"][:], _as_strings(f["class_names"][:]),
-                    scaler, f["images"][:] if "images" in f else None,
-                    json.loads(f.attrs.get("metadata", "{}")), **strings,
-                )
-        except FashionrecError:
-            raise
-        except (OSError, KeyError, ValueError) as exc:
-            raise FashionrecError(f"{path} is corrupt or not a fashionrec index ({exc})") from None
+        with _reading(path) as f:
+            scaler = scaler_from_arrays({k: f["scaler"][k][()] for k in f["scaler"]})
+            strings = {name: _as_strings(f[name][:]) if name in f else None
+                       for name in ("paths", "categories")}
+            return cls(
+                f["vectors"][:], _read_ids(f), f["labels"][:], _as_strings(f["class_names"][:]),
+                scaler, f["images"][:] if "images" in f else None,
+                json.loads(f.attrs.get("metadata", "{}")), **strings,
+            )
+
+    @staticmethod
+    def read_header(path):
+        """``(ids, metadata, class_names, dim)`` of an index file, without its vectors."""
+        with _reading(path) as f:
+            return (_read_ids(f), json.loads(f.attrs.get("metadata", "{}")),
+                    tuple(_as_strings(f["class_names"][:])), int(f["vectors"].shape[1]))
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """An index file opened for reading, its format checked; errors are one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FashionrecError(f"index {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise FashionrecError(f"{path} is not a fashionrec index (foreign HDF5 file)")
+            version = int(f.attrs.get("format_version", -1))
+            if version not in READABLE_VERSIONS:
+                raise FashionrecError(
+                    f"{path} has index format {version}; this fashionrec reads "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}")
+            yield f
+    except FashionrecError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise FashionrecError(f"{path} is corrupt or not a fashionrec index ({exc})") from None
+
+
+def _read_ids(f):
+    ids = f["ids"][:]
+    return _as_strings(ids) if f.attrs.get("id_kind", "int") == "str" else ids
+
+
+def parse_id(item_id, kind):
+    """``item_id`` as an id of ``kind`` (``"int"``: ``"17"`` -> ``17``; ``"str"``)."""
+    if kind == "str":
+        return str(item_id)
+    try:
+        return int(item_id)
+    except (TypeError, ValueError):
+        raise FashionrecError(f"this catalog's item ids are integers, not {item_id!r}") from None
 
 
 def _as_strings(values):
     """A 1-D object array of Python ``str`` (HDF5 gives bytes)."""
+    if isinstance(values, np.ndarray) and values.dtype == object and all(
+            type(v) is str for v in values):
+        return values
     out = np.empty(len(values), dtype=object)
     out[:] = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
     return out
@@ -360,40 +385,64 @@ class IndexStore:
             raise FashionrecError(f"{self.manifest_path} is not a fashionrec index manifest")
         return m
 
-    def load(self):
-        """The live index: the base, plus added segments, minus removed items."""
-        m = self.manifest()
-        base = CatalogIndex.load(self.path.parent / m.get("base", self.path.name))
-        run_id = base.metadata.get("run_id")
+    def _replay(self, m, read):
+        """Replay manifest ``m`` with ``read(path) -> (ids, metadata, part)``; return
+        the base's metadata, the parts and ``{id: (part number, row)}`` of live items."""
+        base_ids, base_meta, base = read(self.path.parent / m.get("base", self.path.name))
+        run_id = base_meta.get("run_id")
         if m.get("run_id", run_id) != run_id:
             raise FashionrecError(f"{self.manifest_path} belongs to another run than "
                                   f"{self.path}; delete it (and {self.segment_dir}) or re-train")
-        parts, live = [base], {_key(i): (0, r) for r, i in enumerate(base.ids.tolist())}
+        parts = [base]
+        live = {_key(i): (0, r) for r, i in enumerate(base_ids.tolist())}
         for op in m["ops"]:
             if op["op"] == "add":
                 seg = self.path.parent / op["file"]
                 if not seg.is_file():
                     raise FashionrecError(f"index segment {seg} named in {self.manifest_path} "
                                           f"is missing; the index is damaged")
-                part = CatalogIndex.load(seg)
-                if part.metadata.get("run_id") != run_id:
+                ids, meta, part = read(seg)
+                if meta.get("run_id") != run_id:
                     raise FashionrecError(f"index segment {seg} belongs to another run")
-                live.update({_key(i): (len(parts), r) for r, i in enumerate(part.ids.tolist())})
+                live.update({_key(i): (len(parts), r) for r, i in enumerate(ids.tolist())})
                 parts.append(part)
             elif op["op"] == "remove":
                 for i in op["ids"]:
                     live.pop(_key(i), None)
+        return base_meta, parts, live
+
+    def load(self):
+        """The live index: the base, plus added segments, minus removed items."""
+        m = self.manifest()
+
+        def read(path):
+            index = CatalogIndex.load(path)
+            return index.ids, index.metadata, index
+
+        base_meta, parts, live = self._replay(m, read)
+        base = parts[0]
         if len(parts) == 1 and len(live) == len(base):
             index = base
         else:
             rows = [[] for _ in parts]
             for p, r in live.values():
                 rows[p].append(r)
-            index = CatalogIndex.concat([part.take(sorted(r)) for part, r in
-                                         zip(parts, rows, strict=True)])
-        index.metadata = {**base.metadata, "generation": m["generation"],
+            index = CatalogIndex.concat(parts, [sorted(r) for r in rows])
+        index.metadata = {**base_meta, "generation": m["generation"],
                           "n_updates": len(m["ops"])}
         return index
+
+    def live_ids(self, m=None):
+        """``(live ids, base header)`` read from the ids alone (no vectors): what an
+        update needs to check, at a cost that does not grow with the vectors."""
+        m = self.manifest() if m is None else m
+
+        def read(path):
+            ids, meta, class_names, dim = CatalogIndex.read_header(path)
+            return ids, meta, (ids, meta, class_names, dim)
+
+        _, parts, live = self._replay(m, read)
+        return set(live), parts[0]
 
     @contextlib.contextmanager
     def _locked(self):
@@ -431,39 +480,43 @@ class IndexStore:
         """Append the items of ``part`` (a :class:`CatalogIndex` whose vectors were
         standardized with this index's scaler); their ids must not be live already."""
         with self._locked():
-            current = self.load()
             m = self.manifest()
+            live, (base_ids, base_meta, class_names, dim) = self.live_ids(m)
             self._clean_orphans(m)
-            if part.class_names != current.class_names or part.dim != current.dim:
+            if part.class_names != class_names or part.dim != dim:
                 raise FashionrecError("the new items were embedded for another model")
-            clash = [i for i in part.ids.tolist() if current.row_of(i) is not None]
+            kind = "int" if base_ids.dtype.kind in "iu" else "str"
+            if len(part) and part.id_kind != kind:
+                raise FashionrecError(f"this index's ids are {kind}s; the new items' are not")
+            clash = [i for i in part.ids.tolist() if _key(i) in live]
             if clash:
                 raise FashionrecError(f"{len(clash)} id(s) already in the index, e.g. "
                                       f"{clash[0]!r}; remove them first")
+            run_id = base_meta.get("run_id")
             name = f"seg-{m['generation'] + 1:06d}-{uuid.uuid4().hex[:8]}.h5"
             part = CatalogIndex(part.vectors, part.ids, part.labels, part.class_names,
-                                current.scaler, part.images, {
-                                    "run_id": current.metadata.get("run_id"),
-                                    "added": now_iso()}, part.paths, part.categories)
+                                part.scaler, part.images,
+                                {"run_id": run_id, "added": now_iso()},
+                                part.paths, part.categories)
             part.save(self.segment_dir / name)
-            file = f"{self.segment_dir.name}/{name}"
-            m.setdefault("run_id", current.metadata.get("run_id"))
-            m["ops"] = [*m["ops"], {"op": "add", "file": file, "n": len(part),
-                                    "at": now_iso()}]
+            m.setdefault("run_id", run_id)
+            m["ops"] = [*m["ops"], {"op": "add", "file": f"{self.segment_dir.name}/{name}",
+                                    "n": len(part), "at": now_iso()}]
             return self._publish(m)
 
     def remove(self, ids):
         """Remove the items ``ids``; every one must be in the index."""
         with self._locked():
-            current = self.load()
             m = self.manifest()
+            live, (base_ids, base_meta, _, _) = self.live_ids(m)
             self._clean_orphans(m)
-            ids = [current.parse_id(i) for i in ids]
-            unknown = [i for i in ids if current.row_of(i) is None]
+            kind = "int" if base_ids.dtype.kind in "iu" else "str"
+            ids = [parse_id(i, kind) for i in ids]
+            unknown = [i for i in ids if _key(i) not in live]
             if unknown:
                 raise FashionrecError(f"{len(unknown)} id(s) not in the index, e.g. "
                                       f"{unknown[0]!r}; nothing was removed")
-            m.setdefault("run_id", current.metadata.get("run_id"))
+            m.setdefault("run_id", base_meta.get("run_id"))
             m["ops"] = [*m["ops"], {"op": "remove", "ids": list(dict.fromkeys(ids)),
                                     "at": now_iso()}]
             return self._publish(m)

@@ -155,6 +155,12 @@ def test_add_then_remove_then_query(shop_copy, tmp_path):
         assert not {"new-a", BOOT} & {i.id for i in result.items}
     fresh = Recommender.load(run_dir)
     assert sorted(fresh.index_.ids.tolist()) == sorted(rec.index_.ids.tolist())
+    here = {"item": [[i.id, round(i.distance, 4)] for i in rec.recommend(item="new-b").items],
+            "image": [[i.id, round(i.distance, 4)] for i in rec.recommend(str(paths[0])).items]}
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(run_dir), "new-b",
+                           str(paths[0])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == here  # a fresh process agrees
     with pytest.raises(FashionrecError, match="already in the index"):
         rec.add(Catalog.from_files([paths[1]], ids=["new-b"]), progress=False, log=None)
     with pytest.raises(FashionrecError, match="not in the index"):
