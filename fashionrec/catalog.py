@@ -236,16 +236,14 @@ class Catalog:
             digests.append(digest)
         counts = Counter(self.labels[i] for i in keep if self.labels[i] is not None)
         small = {c: n for c, n in sorted(counts.items()) if n < min_class_size}
-        if small:
-            keep_small = [(i, d) for i, d in zip(keep, digests, strict=True)
-                          if self.labels[i] in small]
-            for i, _ in keep_small:
+        for i in keep:
+            if self.labels[i] in small:
                 skipped.append(_skip(
                     {"id": self.ids[i], "path": str(self.paths[i])}, "class too small",
                     f"class {self.labels[i]!r} has {small[self.labels[i]]} image(s), "
                     f"fewer than min_class_size {min_class_size}"))
-            pairs = [(i, d) for i, d in zip(keep, digests, strict=True) if self.labels[i] not in small]
-            keep, digests = [i for i, _ in pairs], [d for _, d in pairs]
+        pairs = [(i, d) for i, d in zip(keep, digests, strict=True) if self.labels[i] not in small]
+        keep, digests = [i for i, _ in pairs], [d for _, d in pairs]
         clean = self.subset(keep)
         clean.sha256, clean.skipped = digests, []
         report = {

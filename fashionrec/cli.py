@@ -85,7 +85,7 @@ def build_parser():
     c.add_argument("--catalog", default=None,
                    help="an image folder (category/subcategory/.../image) or a CSV manifest")
     _catalog_options(c)
-    c.add_argument("--min-class-size", type=_positive, default=5,
+    c.add_argument("--min-class-size", type=_positive, default=CATALOG_DEFAULTS["min_class_size"],
                    help="classes with fewer readable images are left out and reported "
                         "(default: %(default)s)")
 
@@ -156,21 +156,27 @@ def build_parser():
     return p
 
 
+CATALOG_DEFAULTS = {"label_depth": 1, "label_column": "label", "id_column": "id",
+                    "image_column": None, "image_pattern": "images/{id}.jpg",
+                    "category_columns": None, "min_class_size": 5}
+
+
 def _catalog_options(group, defaults=True):
-    """The layout options of a catalog folder or CSV (for train and add)."""
+    """The layout options of a catalog folder or CSV (for train and add; ``add`` has no
+    defaults of its own: the run's options apply)."""
     def default(value):
         return value if defaults else None
-    group.add_argument("--label-depth", type=_positive, default=default(1),
+    group.add_argument("--label-depth", type=_positive, default=default(CATALOG_DEFAULTS["label_depth"]),
                        help="folder layout: folder levels that make the class "
                             "(1: Shoes, 2: Shoes/Boots)" + (" (default: 1)" if defaults else ""))
-    group.add_argument("--label-column", default=default("label"),
+    group.add_argument("--label-column", default=default(CATALOG_DEFAULTS["label_column"]),
                        help="CSV: the column holding the class" +
                             (" (default: label)" if defaults else ""))
-    group.add_argument("--id-column", default=default("id"),
+    group.add_argument("--id-column", default=default(CATALOG_DEFAULTS["id_column"]),
                        help="CSV: the column holding the id" + (" (default: id)" if defaults else ""))
     group.add_argument("--image-column", default=None,
                        help="CSV: a column holding the image path (else --image-pattern)")
-    group.add_argument("--image-pattern", default=default("images/{id}.jpg"),
+    group.add_argument("--image-pattern", default=default(CATALOG_DEFAULTS["image_pattern"]),
                        help="CSV: image path from the id" +
                             (" (default: images/{id}.jpg)" if defaults else ""))
     group.add_argument("--category-columns", default=None,
@@ -189,6 +195,10 @@ def cmd_train(args):
 
     if args.catalog is not None:
         return _train_catalog(args)
+    given = [f"--{k.replace('_', '-')}" for k, v in CATALOG_DEFAULTS.items()
+             if getattr(args, k) != v]
+    if given:
+        raise FashionrecError(f"{', '.join(given)} appl(ies) only with --catalog")
 
     cfg = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,

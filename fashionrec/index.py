@@ -383,6 +383,14 @@ class IndexStore:
         m = read_json(self.manifest_path, "index manifest")
         if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
             raise FashionrecError(f"{self.manifest_path} is not a fashionrec index manifest")
+        ops = m.get("ops")
+        if not (isinstance(m.get("generation"), int) and isinstance(ops, list) and all(
+                isinstance(op, dict) and (
+                    (op.get("op") == "add" and isinstance(op.get("file"), str))
+                    or (op.get("op") == "remove" and isinstance(op.get("ids"), list)))
+                for op in ops)):
+            raise FashionrecError(f"{self.manifest_path} is damaged; deleting it (and "
+                                  f"{self.segment_dir}) returns the index to its trained state")
         return m
 
     def _replay(self, m, read):
@@ -399,8 +407,10 @@ class IndexStore:
             if op["op"] == "add":
                 seg = self.path.parent / op["file"]
                 if not seg.is_file():
-                    raise FashionrecError(f"index segment {seg} named in {self.manifest_path} "
-                                          f"is missing; the index is damaged")
+                    raise FashionrecError(
+                        f"index segment {seg} named in {self.manifest_path} is missing; the "
+                        f"index is damaged (deleting the manifest returns it to its trained "
+                        f"state)")
                 ids, meta, part = read(seg)
                 if meta.get("run_id") != run_id:
                     raise FashionrecError(f"index segment {seg} belongs to another run")

@@ -56,7 +56,8 @@ class Recommendation:
 
     query: dict
     items: list = field(default_factory=list)
-    image: np.ndarray | None = field(default=None, repr=False)  # the query as 2-D gray
+    # the query image: 2-D gray (Fashion-MNIST) or (H, W, 3) RGB (a product catalog)
+    image: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self):
         return {"query": self.query,
@@ -436,7 +437,7 @@ class Recommender:
             info = {"kind": "item", "id": index.ids[row].item() if index.id_kind == "int"
                     else index.ids[row], "true_label": label,
                     "true_class": self.class_names[label], "category": index.category_of(row)}
-            if index.paths is not None:
+            if index.paths is not None and index.paths[row]:
                 info["path"] = index.paths[row]
             vector, query_class, own_row = index.vectors[row:row + 1], label, row
             image = self.item_image(item)
@@ -485,7 +486,8 @@ class Recommender:
                     class_name=self.class_names[int(index.labels[row])],
                     distance=float(distance),
                     category=index.category_of(row) if index.categories is not None else None,
-                    path=str(index.paths[row]) if index.paths is not None else None)
+                    path=str(index.paths[row]) if index.paths is not None and index.paths[row]
+                    else None)
 
     # ------------------------------------------------------ a living catalog
     def read_catalog(self, path, **options):

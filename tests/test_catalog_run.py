@@ -283,3 +283,8 @@ def test_evaluate_says_why_it_does_not_apply(shop, capsys):
     _, run_dir, _ = shop
     assert main(["evaluate", "--run-dir", str(run_dir)]) == 1
     assert "product-catalog run has none" in capsys.readouterr().err
+
+
+def test_catalog_options_without_a_catalog_are_refused(capsys):
+    assert main(["train", "--label-column", "articleType", "--run-dir", "unused"]) == 1
+    assert "--label-column appl(ies) only with --catalog" in capsys.readouterr().err

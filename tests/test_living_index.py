@@ -90,6 +90,9 @@ def test_damaged_or_foreign_updates_are_refused(store):
     s.manifest_path.write_text(json.dumps({**manifest, "run_id": "run-2"}))
     with pytest.raises(FashionrecError, match="belongs to another run"):
         s.load()
+    s.manifest_path.write_text(json.dumps({**manifest, "ops": [{"op": "add"}]}))
+    with pytest.raises(FashionrecError, match="is damaged; deleting it"):
+        s.load()
     s.manifest_path.write_text(json.dumps(manifest))
     seg.unlink()
     with pytest.raises(FashionrecError, match="is missing; the index is damaged"):
