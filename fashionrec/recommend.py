@@ -511,8 +511,9 @@ class Recommender:
         Args:
             catalog: a :class:`~fashionrec.catalog.Catalog` of the new products (e.g.
                 :meth:`read_catalog` or ``Catalog.from_files``). An item without a class
-                gets the head's prediction; an item of a class the head does not know
-                is skipped (retrain to add classes).
+                gets the head's prediction; an item of a class the head does not know,
+                or whose id is already in the index, is skipped and reported (so adding
+                a whole folder again adds just its new products).
 
         Returns:
             A report: ``n_added``, ``added`` ids with their classes, ``skipped`` items.
@@ -520,14 +521,21 @@ class Recommender:
         self._check_fitted()
         say = log or (lambda *_: None)
         store = self._store()
+        for item_id in catalog.ids:  # ids of the wrong kind stop us before any work
+            self.index_.parse_id(item_id)
+        live, _ = store.live_ids()
         clean, report = catalog.check(min_class_size=1, progress=progress)
         keep, labels, skipped = [], [], list(report["skipped"])
-        for i, label in enumerate(clean.labels):
-            if label is not None and label not in self.class_names:
-                skipped.append({"id": clean.ids[i], "path": str(clean.paths[i]),
-                                "kind": "unknown class",
-                                "reason": f"class {label!r} is not one this run was trained "
-                                          f"on; retrain to add classes"})
+        for i, (item_id, label) in enumerate(zip(clean.ids, clean.labels, strict=True)):
+            reason = None
+            if self.index_.parse_id(item_id) in live:
+                kind, reason = "already in the index", "remove it first to replace it"
+            elif label is not None and label not in self.class_names:
+                kind = "unknown class"
+                reason = f"class {label!r} is not one this run was trained on; retrain to add it"
+            if reason:
+                skipped.append({"id": item_id, "path": str(clean.paths[i]), "kind": kind,
+                                "reason": reason})
                 continue
             keep.append(i)
             labels.append(None if label is None else self.class_names.index(label))

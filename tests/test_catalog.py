@@ -96,6 +96,11 @@ def test_images_of_any_mode_become_padded_rgb(tmp_path):
     Image.new("L", (9, 50), 30).save(tmp_path / "g.webp")
     g = read_image(tmp_path / "g.webp", 32)
     assert g.shape == (32, 32, 3) and (g[16, 16] == g[16, 16, 0]).all()
+    deep = np.zeros((30, 30), np.uint16)
+    deep[10:20, 10:20] = 60000  # a 16-bit gray PNG: bright square on black
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    d = read_image(tmp_path / "d.png", 30)
+    assert d.shape == (30, 30, 3) and d[15, 15, 0] == 255 and d[0, 0, 0] == 0
     assert np.array_equal(image_from_array(np.asarray(Image.open(tmp_path / "a.png")), 32), x)
     with pytest.raises(FashionrecError, match="must be"):
         image_from_array(np.zeros((2, 3, 5)), 32)
