@@ -325,15 +325,24 @@ def _decode(data, path):
     return img
 
 
-def verify_image(path):
-    """Read and decode ``path``; return its SHA-256, or raise a one-line error."""
-    path = Path(path)
+def _read_bytes(path):
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise FashionrecError(f"image file missing: {path}") from None
+        raise FashionrecError(f"image {path} does not exist") from None
     except OSError as exc:
         raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
+
+
+def open_image(path):
+    """An image file fully decoded (PIL), EXIF rotation applied; a missing, empty,
+    truncated or foreign file is a one-line :class:`FashionrecError`."""
+    return _decode(_read_bytes(path), path)
+
+
+def verify_image(path):
+    """Read and decode ``path``; return its SHA-256, or raise a one-line error."""
+    data = _read_bytes(path)
     _decode(data, path)
     return hashlib.sha256(data).hexdigest()
 
@@ -341,12 +350,7 @@ def verify_image(path):
 def read_image(path, size=None):
     """An image file as RGB uint8: transparency composited on white; with ``size``,
     padded to a square with white (no distortion) and resized to ``size`` x ``size``."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
-    return _to_rgb(_decode(data, path), size)
+    return _to_rgb(open_image(path), size)
 
 
 def image_from_array(image, size=None):
@@ -399,10 +403,12 @@ class ImageFiles:
         return (len(self), self.size, self.size, 3)
 
     def __getitem__(self, key):
-        if isinstance(key, slice):
-            return np.stack([read_image(p, self.size) for p in self.paths[key]]) if (
-                self.paths[key]) else np.zeros((0, self.size, self.size, 3), np.uint8)
-        return read_image(self.paths[key], self.size)
+        if not isinstance(key, slice):
+            return read_image(self.paths[key], self.size)
+        out = np.zeros((len(self.paths[key]), self.size, self.size, 3), np.uint8)
+        for i, path in enumerate(self.paths[key]):
+            out[i] = read_image(path, self.size)
+        return out
 
 
 def category_matches(categories, wanted):

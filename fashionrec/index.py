@@ -23,6 +23,7 @@ names it, so a process killed mid-update leaves the index as it was before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import uuid
 from pathlib import Path
@@ -134,7 +135,7 @@ class CatalogIndex:
             raise FashionrecError("index arrays disagree in length")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise FashionrecError("index labels out of range of its class names")
-        self._row_of = {_key(i): r for r, i in enumerate(self.ids.tolist())}
+        self._row_of = {i: r for r, i in enumerate(self.ids.tolist())}  # Python int or str
         if len(self._row_of) != n:
             raise FashionrecError("index ids are not unique")
 
@@ -163,18 +164,23 @@ class CatalogIndex:
     def row_of(self, item_id):
         """Row of catalog item ``item_id`` or ``None``."""
         try:
-            return self._row_of.get(_key(self.parse_id(item_id)))
+            return self._row_of.get(self.parse_id(item_id))
         except FashionrecError:
             return None
 
     def category_of(self, row):
         """An item's category path: its stored category, else its class name."""
-        if self.categories is not None and self.categories[row]:
-            return str(self.categories[row])
-        return self.class_names[int(self.labels[row])]
+        return self.all_categories()[row]
 
     def all_categories(self):
-        return [self.category_of(r) for r in range(len(self))]
+        """Every item's category path (computed once per index)."""
+        if getattr(self, "_categories", None) is None:
+            out = np.asarray(self.class_names, dtype=object)[self.labels]
+            if self.categories is not None:
+                given = self.categories != ""
+                out[given] = self.categories[given]
+            self._categories = out
+        return self._categories
 
     def transform(self, embeddings):
         """Standardize raw embeddings with the catalog's scaler."""
@@ -346,10 +352,6 @@ def _as_ids(ids):
     return _as_strings(arr.tolist())
 
 
-def _key(item_id):
-    return int(item_id) if isinstance(item_id, (int, np.integer)) else str(item_id)
-
-
 # ---------------------------------------------------------------- a living index
 class IndexStore:
     """A catalog index on disk that grows and shrinks without being rewritten.
@@ -402,7 +404,7 @@ class IndexStore:
             raise FashionrecError(f"{self.manifest_path} belongs to another run than "
                                   f"{self.path}; delete it (and {self.segment_dir}) or re-train")
         parts = [base]
-        live = {_key(i): (0, r) for r, i in enumerate(base_ids.tolist())}
+        live = {i: (0, r) for r, i in enumerate(base_ids.tolist())}
         for op in m["ops"]:
             if op["op"] == "add":
                 seg = self.path.parent / op["file"]
@@ -414,11 +416,11 @@ class IndexStore:
                 ids, meta, part = read(seg)
                 if meta.get("run_id") != run_id:
                     raise FashionrecError(f"index segment {seg} belongs to another run")
-                live.update({_key(i): (len(parts), r) for r, i in enumerate(ids.tolist())})
+                live.update({i: (len(parts), r) for r, i in enumerate(ids.tolist())})
                 parts.append(part)
             elif op["op"] == "remove":
                 for i in op["ids"]:
-                    live.pop(_key(i), None)
+                    live.pop(i, None)
         return base_meta, parts, live
 
     def load(self):
@@ -498,16 +500,14 @@ class IndexStore:
             kind = "int" if base_ids.dtype.kind in "iu" else "str"
             if len(part) and part.id_kind != kind:
                 raise FashionrecError(f"this index's ids are {kind}s; the new items' are not")
-            clash = [i for i in part.ids.tolist() if _key(i) in live]
+            clash = [i for i in part.ids.tolist() if i in live]
             if clash:
                 raise FashionrecError(f"{len(clash)} id(s) already in the index, e.g. "
                                       f"{clash[0]!r}; remove them first")
             run_id = base_meta.get("run_id")
             name = f"seg-{m['generation'] + 1:06d}-{uuid.uuid4().hex[:8]}.h5"
-            part = CatalogIndex(part.vectors, part.ids, part.labels, part.class_names,
-                                part.scaler, part.images,
-                                {"run_id": run_id, "added": now_iso()},
-                                part.paths, part.categories)
+            part = copy.copy(part)  # the caller's object keeps its metadata
+            part.metadata = {"run_id": run_id, "added": now_iso()}
             part.save(self.segment_dir / name)
             m.setdefault("run_id", run_id)
             m["ops"] = [*m["ops"], {"op": "add", "file": f"{self.segment_dir.name}/{name}",
@@ -522,7 +522,7 @@ class IndexStore:
             self._clean_orphans(m)
             kind = "int" if base_ids.dtype.kind in "iu" else "str"
             ids = [parse_id(i, kind) for i in ids]
-            unknown = [i for i in ids if _key(i) not in live]
+            unknown = [i for i in ids if i not in live]
             if unknown:
                 raise FashionrecError(f"{len(unknown)} id(s) not in the index, e.g. "
                                       f"{unknown[0]!r}; nothing was removed")

@@ -17,7 +17,14 @@ import numpy as np
 
 from . import __version__
 from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_json
-from .catalog import Catalog, category_matches, format_report, image_from_array, read_image
+from .catalog import (
+    Catalog,
+    category_matches,
+    format_report,
+    image_from_array,
+    open_image,
+    read_image,
+)
 from .config import RunConfig
 from .data import Dataset, get_spec, load_dataset, load_split
 from .errors import FashionrecError
@@ -148,12 +155,7 @@ class Recommender:
 
         t = time.perf_counter()
         say(f"head: training on {len(f_train)} feature vectors for {cfg.epochs} epochs")
-        self.head_ = ClassifierHead(
-            n_classes=len(dataset.class_names), epochs=cfg.epochs, batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate, dropout=cfg.dropout,
-            validation_split=cfg.validation_split, seed=cfg.seed,
-            verbose="auto" if progress else 0,
-        ).fit(f_train, y_train)
+        self.head_ = self._new_head(len(dataset.class_names), progress).fit(f_train, y_train)
         timings["head_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -217,10 +219,10 @@ class Recommender:
 
         t = time.perf_counter()
         self.extractor_ = FeatureExtractor(model, info, cfg.extract_batch_size)
-        images = clean.images(cfg.image_size)
+        images, digest = clean.images(cfg.image_size), clean.content_digest()
         if cache_dir is not None:
             feats = cached_features(self.extractor_, images, cache_dir, "catalog", progress,
-                                    digest=clean.content_digest())
+                                    digest=digest)
         else:
             feats = self.extractor_.transform(images, progress)
         timings["extract_s"] = time.perf_counter() - t
@@ -229,12 +231,7 @@ class Recommender:
         order = np.random.default_rng(cfg.seed).permutation(len(y))
         say(f"head: training on {len(y)} products of {len(class_names)} classes "
             f"for {cfg.epochs} epochs")
-        self.head_ = ClassifierHead(
-            n_classes=len(class_names), epochs=cfg.epochs, batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate, dropout=cfg.dropout,
-            validation_split=cfg.validation_split, seed=cfg.seed,
-            verbose="auto" if progress else 0,
-        ).fit(feats[order], y[order])
+        self.head_ = self._new_head(len(class_names), progress).fit(feats[order], y[order])
         timings["head_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -248,7 +245,7 @@ class Recommender:
             "n_items": len(clean),
             "n_skipped": self.report_["n_skipped"],
             "min_class_size": min_class_size,
-            "content_sha256": clean.content_digest(),
+            "content_sha256": digest,
             "catalog": "every readable image of the catalog",
         }
         self._finish(info, dataset_meta, {"head_val_accuracy": val[-1] if val else None},
@@ -260,6 +257,15 @@ class Recommender:
             say(f"head validation accuracy ({cfg.validation_split:.0%} of the products): "
                 f"{val[-1]:.4f}")
         return self
+
+    def _new_head(self, n_classes, progress):
+        cfg = self.config
+        return ClassifierHead(
+            n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, dropout=cfg.dropout,
+            validation_split=cfg.validation_split, seed=cfg.seed,
+            verbose="auto" if progress else 0,
+        )
 
     def _finish(self, info, dataset_meta, scores, index_args, timings, t0, t):
         """Record what made the run and build its index (shared by both fits)."""
@@ -523,12 +529,12 @@ class Recommender:
         store = self._store()
         for item_id in catalog.ids:  # ids of the wrong kind stop us before any work
             self.index_.parse_id(item_id)
-        live, _ = store.live_ids()
         clean, report = catalog.check(min_class_size=1, progress=progress)
         keep, labels, skipped = [], [], list(report["skipped"])
         for i, (item_id, label) in enumerate(zip(clean.ids, clean.labels, strict=True)):
             reason = None
-            if self.index_.parse_id(item_id) in live:
+            # the index as loaded; the store checks again under its lock when writing
+            if self.index_.row_of(item_id) is not None:
                 kind, reason = "already in the index", "remove it first to replace it"
             elif label is not None and label not in self.class_names:
                 kind = "unknown class"
@@ -606,15 +612,10 @@ def to_gray(image, shape):
 
 
 def load_image(path, shape):
-    """Read an image file as gray ``shape``-sized array (values 0-255)."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file as gray ``shape``-sized array (values 0-255), read and
+    checked like a catalog image (:func:`fashionrec.catalog.open_image`)."""
+    from PIL import Image
 
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L").resize(tuple(reversed(shape)), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.float32)
-    except FileNotFoundError:
-        raise FashionrecError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FashionrecError(f"cannot read image {path} ({exc})") from None
+    img = open_image(path).convert("L").resize(tuple(reversed(shape)),
+                                               Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)

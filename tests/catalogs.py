@@ -41,7 +41,7 @@ def draw_product(shape, colour, rng, size=(64, 64), mode="RGB"):
     return img.convert(mode)
 
 
-def _save(img, path, k):
+def _save(img, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path)
 
@@ -56,7 +56,7 @@ def make_folder_catalog(root, n_per_class=8, seed=0):
                 ("RGB", ".webp") if k % 4 == 3 else ("RGB", ".jpg"))
             brand = f"brand{k % 2}"
             path = root / cls / brand / f"{k:03d}{ext}"
-            _save(draw_product(shape, colour, rng, SIZES[k % len(SIZES)], mode), path, k)
+            _save(draw_product(shape, colour, rng, SIZES[k % len(SIZES)], mode), path)
             good.append(path.relative_to(root).as_posix())
     # broken things
     bad = {}
@@ -70,11 +70,11 @@ def make_folder_catalog(root, n_per_class=8, seed=0):
     bad["Bags/Totes/empty.webp"] = "unreadable image"
     (root / "Bags/notes.txt").write_text("not an image")
     bad["Bags/notes.txt"] = "not an image file"
-    _save(draw_product("ellipse", (0, 0, 0), rng), root / "loose.jpg", 0)
+    _save(draw_product("ellipse", (0, 0, 0), rng), root / "loose.jpg")
     bad["loose.jpg"] = "no class folder"
     # a class with too few images
     for k in range(2):
-        _save(draw_product("ellipse", (0, 200, 0), rng), root / f"Hats/Caps/{k}.jpg", k)
+        _save(draw_product("ellipse", (0, 200, 0), rng), root / f"Hats/Caps/{k}.jpg")
         bad[f"Hats/Caps/{k}.jpg"] = "class too small"
     (root / ".hidden").mkdir()
     (root / ".hidden/x.jpg").write_bytes(jpg)  # hidden: ignored entirely
@@ -93,7 +93,7 @@ def make_csv_catalog(root, n_per_class=8, seed=1):
             next_id += 1
             mode = "L" if k % 3 == 1 else "RGB"
             _save(draw_product(shape, colour, rng, SIZES[k % len(SIZES)], mode),
-                  root / "images" / f"{item_id}.jpg", k)
+                  root / "images" / f"{item_id}.jpg")
             rows.append({"id": item_id, "masterCategory": master, "articleType": article,
                          "productDisplayName": f"{article}, no. {k}"})
             good.append(item_id)
@@ -102,7 +102,7 @@ def make_csv_catalog(root, n_per_class=8, seed=1):
     bad["2000"] = "image file missing"
     rows.append({"id": "2001", "masterCategory": "Shoes", "articleType": "",
                  "productDisplayName": "no label"})
-    _save(draw_product("ellipse", (0, 0, 0), rng), root / "images/2001.jpg", 0)
+    _save(draw_product("ellipse", (0, 0, 0), rng), root / "images/2001.jpg")
     bad["2001"] = "no label"
     rows.append(dict(rows[0], productDisplayName="duplicate"))
     bad["dup"] = "duplicate id"

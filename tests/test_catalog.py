@@ -101,6 +101,13 @@ def test_images_of_any_mode_become_padded_rgb(tmp_path):
     Image.fromarray(deep).save(tmp_path / "d.png")
     d = read_image(tmp_path / "d.png", 30)
     assert d.shape == (30, 30, 3) and d[15, 15, 0] == 255 and d[0, 0, 0] == 0
+    tall = Image.new("RGB", (40, 20), "white")
+    tall.paste((0, 0, 0), (0, 0, 10, 20))  # black on the left ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... of a photo whose EXIF says "rotate 90° clockwise to view"
+    tall.save(tmp_path / "r.jpg", exif=exif)
+    r = read_image(tmp_path / "r.jpg")
+    assert r.shape == (40, 20, 3) and r[2, 10, 0] < 60 and r[-3, 10, 0] > 200  # black on top
     assert np.array_equal(image_from_array(np.asarray(Image.open(tmp_path / "a.png")), 32), x)
     with pytest.raises(FashionrecError, match="must be"):
         image_from_array(np.zeros((2, 3, 5)), 32)
