@@ -203,8 +203,12 @@ def test_killed_during_add_then_query(shop_copy, tmp_path):
 def test_retraining_into_the_run_dir_forgets_old_updates(shop_copy, tmp_path):
     rec, run_dir, root = shop_copy
     rec.remove([BOOT], log=None)
-    Recommender(**TINY).fit_catalog(Catalog.from_folder(root, 2), progress=False,
+    cache = {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()}
+    Recommender(**TINY).fit_catalog(Catalog.from_folder(root, 2), min_class_size=5,
+                                    cache_dir=run_dir / "features", progress=False,
                                     log=None).save(run_dir)
+    # same backbone, same image files: the features come from the cache, untouched
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()} == cache
     fresh = Recommender.load(run_dir)
     assert fresh.index_.row_of(BOOT) is not None
     assert not (run_dir / "index.manifest.json").exists()
