@@ -1,6 +1,8 @@
 # fashionrec — thin wrappers over the CLI. Every variable is optional:
 #   make train DATASET=fashion_mnist N_TRAIN=15000 N_RECO=5000 IMAGE_SIZE=224 EPOCHS=32 \
-#              BATCH_SIZE=64 WEIGHTS=imagenet BACKBONE=resnet50 RUN_DIR=runs/default
+#              BATCH_SIZE=64 WEIGHTS=imagenet BACKBONE=resnet50 SEARCH=auto RUN_DIR=runs/default
+#   make index SEARCH=hnsw     # search a trained run with a FAISS HNSW graph
+#   make compact               # fold added/removed products into the base index
 #   make recommend IDX=5033 K=6
 #   make demo-catalog          # your-own-products walk-through on a generated catalog
 PYTHON     ?= python3
@@ -14,6 +16,7 @@ EPOCHS     ?= 32
 BATCH_SIZE ?= 64
 WEIGHTS    ?= imagenet
 BACKBONE   ?= resnet50
+SEARCH     ?= auto
 RUN_DIR    ?= runs/default
 IDX        ?= 5033
 K          ?= 6
@@ -27,20 +30,29 @@ DEMO_EPOCHS ?= 20
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
-.PHONY: install train recommend evaluate plot test lint bench experiments demo-catalog clean
+.PHONY: install train index compact recommend evaluate plot test lint bench experiments demo-catalog clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ann]'
 	touch $@
 
 train: $(STAMP)
 	$(BIN)/fashionrec train --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	  --n-train $(N_TRAIN) --n-reco $(N_RECO) --image-size $(IMAGE_SIZE) --epochs $(EPOCHS) \
-	  --batch-size $(BATCH_SIZE) --weights $(WEIGHTS) --backbone $(BACKBONE) --run-dir $(RUN_DIR)
+	  --batch-size $(BATCH_SIZE) --weights $(WEIGHTS) --backbone $(BACKBONE) --search $(SEARCH) \
+	  --run-dir $(RUN_DIR)
+
+# how a trained run is searched (SEARCH=exact|hnsw|auto), without retraining
+index: $(STAMP)
+	$(BIN)/fashionrec index --run-dir $(RUN_DIR) --search $(SEARCH)
+
+# fold products added and removed since training into a new base index
+compact: $(STAMP)
+	$(BIN)/fashionrec compact --run-dir $(RUN_DIR)
 
 recommend: $(STAMP)
 	$(BIN)/fashionrec recommend --run-dir $(RUN_DIR) --idx $(IDX) --k $(K)

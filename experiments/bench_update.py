@@ -50,7 +50,7 @@ def folder_bytes(folder):
 
 
 def child(n):
-    from fashionrec.index import IndexStore
+    from fashionrec.store import IndexStore
 
     with tempfile.TemporaryDirectory(dir=OUT.parent) as tmp:
         base = make_index(n, 0, 0)

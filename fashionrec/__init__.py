@@ -19,9 +19,10 @@ from .extract import BackboneInfo, FeatureExtractor, build_backbone  # noqa: E40
 from .head import ClassifierHead  # noqa: E402
 from .index import CatalogIndex, knn_search  # noqa: E402
 from .recommend import Item, Recommendation, Recommender  # noqa: E402
+from .store import IndexStore  # noqa: E402
 
 __all__ = [
     "BackboneInfo", "CatalogIndex", "ClassifierHead", "Dataset", "FashionrecError",
-    "FeatureExtractor", "Item", "Recommendation", "Recommender", "RunConfig",
+    "FeatureExtractor", "IndexStore", "Item", "Recommendation", "Recommender", "RunConfig",
     "build_backbone", "knn_search", "load_dataset", "__version__",
 ]

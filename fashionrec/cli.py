@@ -1,5 +1,5 @@
-"""``fashionrec train | recommend | add | remove | evaluate | plot`` — a thin layer over
-the library.
+"""``fashionrec train | recommend | add | remove | compact | index | evaluate | plot`` — a
+thin layer over the library.
 
 Every user error is one line on stderr and a non-zero exit code.
 """
@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DATASET_NAMES, RunConfig
+from .config import DATASET_NAMES, SEARCH_CHOICES, RunConfig
 from .errors import FashionrecError
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -78,6 +78,7 @@ def build_parser():
     t.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="where the run's files go (default: %(default)s)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _search_options(t, d)
     c = t.add_argument_group(
         "your own products (instead of --dataset)",
         "--catalog FOLDER: class = the first --label-depth folder levels; "
@@ -134,6 +135,22 @@ def build_parser():
     rm.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                     help="the trained run (default: %(default)s)")
 
+    cp = sub.add_parser("compact", help="fold added and removed products into a new base index",
+                        description="Rewrite a run's index as one file holding its live "
+                                    "products (and rebuild its HNSW graph, if it has one), "
+                                    "atomically; loading is then as fast as after training.")
+    cp.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                    help="the trained run (default: %(default)s)")
+    cp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    ix = sub.add_parser("index", help="choose how a trained run is searched (exact or HNSW)",
+                        description="Build (or drop) the FAISS HNSW graph of a trained run "
+                                    "without retraining, and record the choice in run.json.")
+    ix.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                    help="the trained run (default: %(default)s)")
+    _search_options(ix, d, required=True)
+    ix.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     e = sub.add_parser("evaluate", help="retrieval quality and head accuracy of a trained run",
                        description="Score a run: every catalog item as a query (leave-one-out) "
                                    "and held-out test images as queries; precision@k, "
@@ -154,6 +171,31 @@ def build_parser():
     pl.add_argument("--out", default=None,
                     help="PNG to write (default: RUN_DIR/plots/curves.png)")
     return p
+
+
+def _search_options(parser, d, required=False):
+    g = parser.add_argument_group("search")
+    g.add_argument("--search", choices=SEARCH_CHOICES, required=required,
+                   default=None if required else d["search"].default,
+                   help="exact, hnsw (FAISS HNSW graph, approximate; pip install "
+                        "'fashionrec[ann]') or auto (hnsw from --hnsw-min-items items up)" +
+                        ("" if required else " (default: %(default)s)"))
+    g.add_argument("--hnsw-min-items", type=_positive, default=None if required else
+                   d["hnsw_min_items"].default,
+                   help="auto: smallest catalog searched with HNSW (default: "
+                        f"{'the run' + chr(39) + 's' if required else d['hnsw_min_items'].default})")
+    for name, what in (("hnsw_m", "links per node"),
+                       ("hnsw_ef_construction", "search list while building"),
+                       ("hnsw_ef_search", "search list per query")):
+        g.add_argument(f"--{name.replace('_', '-')}", type=_positive,
+                       default=None if required else d[name].default,
+                       help=f"HNSW {what} (default: "
+                            f"{'the run' + chr(39) + 's' if required else d[name].default})")
+
+
+def _search_kwargs(args):
+    return {k: getattr(args, k) for k in ("search", "hnsw_min_items", "hnsw_m",
+                                          "hnsw_ef_construction", "hnsw_ef_search")}
 
 
 CATALOG_DEFAULTS = {"label_depth": 1, "label_column": "label", "id_column": "id",
@@ -204,7 +246,7 @@ def cmd_train(args):
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
         n_reco=args.n_reco, image_size=args.image_size, epochs=args.epochs,
         batch_size=args.batch_size, weights=args.weights, backbone=args.backbone,
-        extract_batch_size=args.extract_batch_size, seed=args.seed,
+        extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
     print(f"fashionrec train: {cfg.dataset}, {cfg.n_train} training images, "
@@ -221,7 +263,7 @@ def cmd_train(args):
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
     print(f"run:            {run_dir / 'run.json'} (metadata)")
     print(f"head:           {run_dir / 'head.keras'}, {run_dir / 'head.json'}")
-    print(f"index:          {run_dir / 'index.h5'}")
+    print(f"index:          {run_dir / 'index.h5'} ({_describe_search(rec.search_spec)})")
     print(f"features cache: {run_dir / 'features'}")
     print(f"curves:         {curves}")
     return 0
@@ -241,7 +283,7 @@ def _train_catalog(args):
     cfg = RunConfig(
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         weights=args.weights, backbone=args.backbone,
-        extract_batch_size=args.extract_batch_size, seed=args.seed,
+        extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
     catalog = Catalog.read(args.catalog, **_catalog_kwargs(args))
@@ -261,7 +303,8 @@ def _train_catalog(args):
         print(f"head accuracy:  {val:.4f} (validation: {cfg.validation_split:.0%} of the products)")
     print(f"timings:        extract {t['extract_s']:.1f} s, head {t['head_s']:.1f} s, "
           f"total {t['total_s']:.1f} s, peak RSS {t['peak_rss_mb']:.0f} MB")
-    print(f"run:            {run_dir / 'run.json'}; index {run_dir / 'index.h5'}")
+    print(f"run:            {run_dir / 'run.json'}; index {run_dir / 'index.h5'} "
+          f"({_describe_search(rec.search_spec)})")
     print(f"curves:         {curves}")
     return 0
 
@@ -330,6 +373,38 @@ def cmd_remove(args):
     return 0
 
 
+def _describe_search(spec):
+    if spec["backend"] == "hnsw":
+        return (f"HNSW search: M={spec['m']}, efConstruction={spec['ef_construction']}, "
+                f"efSearch={spec['ef_search']}")
+    return "exact search"
+
+
+def cmd_compact(args):
+    from .recommend import Recommender
+
+    rec = Recommender.load(args.run_dir)
+    rec.compact(progress=not args.no_progress)
+    print(f"index: {len(rec.index_)} items in {Path(args.run_dir) / 'index.h5'} "
+          f"({_describe_search(rec.search_spec)})")
+    return 0
+
+
+def cmd_index(args):
+    from .recommend import Recommender
+
+    rec = Recommender.load(args.run_dir)
+    params = _search_kwargs(args)
+    spec = rec.reindex(params.pop("search"), progress=not args.no_progress, **params)
+    pending = rec.index_.metadata.get("n_updates", 0)
+    print(f"index: {len(rec.index_)} items, {_describe_search(spec)}; recorded in "
+          f"{Path(args.run_dir) / 'run.json'}")
+    if pending and spec["backend"] == "hnsw":
+        print(f"note: products added since training are searched exactly until "
+              f"`fashionrec compact --run-dir {args.run_dir}` folds {pending} update(s) in")
+    return 0
+
+
 def cmd_evaluate(args):
     from .artifacts import write_json
     from .evaluate import evaluate, format_table
@@ -365,7 +440,8 @@ def cmd_plot(args):
 
 
 COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "add": cmd_add,
-            "remove": cmd_remove, "evaluate": cmd_evaluate, "plot": cmd_plot}
+            "remove": cmd_remove, "compact": cmd_compact, "index": cmd_index,
+            "evaluate": cmd_evaluate, "plot": cmd_plot}
 
 
 def main(argv=None):

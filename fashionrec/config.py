@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import FashionrecError
 
 DATASET_NAMES = ("fashion_mnist", "mnist")
+SEARCH_CHOICES = ("auto", "exact", "hnsw")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class RunConfig:
         weights: ``"imagenet"``, ``"none"`` (random, seeded) or a Keras weights file.
         extract_batch_size: images per backbone call during feature extraction.
         seed: seeds weight init, dropout and shuffling.
+        search: how the catalog is searched: ``"exact"``, ``"hnsw"`` (a FAISS HNSW
+            graph, approximate) or ``"auto"`` (HNSW from ``hnsw_min_items`` items up).
+        hnsw_m, hnsw_ef_construction: the HNSW graph's links per node and build-time
+            search list; ``hnsw_ef_search``: its query-time search list.
     """
 
     dataset: str = "fashion_mnist"
@@ -49,6 +54,11 @@ class RunConfig:
     weights: str = "imagenet"
     extract_batch_size: int = 32
     seed: int = 1234
+    search: str = "auto"
+    hnsw_min_items: int = 50000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 96
 
     def __post_init__(self):
         self.validate()
@@ -66,10 +76,17 @@ class RunConfig:
             ("epochs", 1),
             ("batch_size", 1),
             ("extract_batch_size", 1),
+            ("hnsw_min_items", 1),
+            ("hnsw_m", 2),
+            ("hnsw_ef_construction", 1),
+            ("hnsw_ef_search", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FashionrecError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.search not in SEARCH_CHOICES:
+            raise FashionrecError(f"search must be one of {', '.join(SEARCH_CHOICES)}, "
+                                  f"got {self.search!r}")
         if not 0.0 <= self.validation_split < 1.0:
             raise FashionrecError(
                 f"validation_split must be in [0, 1), got {self.validation_split!r}"
@@ -94,6 +111,14 @@ class RunConfig:
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise FashionrecError(f"data_dir {self.data_dir} is not a folder")
         return self
+
+    def search_spec(self, n_items, log=None):
+        """The search back-end for ``n_items`` (:func:`fashionrec.search.resolve`)."""
+        from .search import resolve
+
+        return resolve(self.search, n_items, self.hnsw_min_items, log=log, m=self.hnsw_m,
+                       ef_construction=self.hnsw_ef_construction,
+                       ef_search=self.hnsw_ef_search)
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ class DatasetSpec:
     base_url: str
     sha256: dict  # file name -> published SHA-256
     class_names: tuple
+    n_test: int = 10000  # images in the test split
 
 
 SPECS = {

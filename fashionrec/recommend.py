@@ -8,6 +8,7 @@ living catalog.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, search
 from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_json
 from .catalog import (
     Catalog,
@@ -36,12 +37,17 @@ from .extract import (
     rebuild_backbone,
 )
 from .head import ClassifierHead
-from .index import CatalogIndex, IndexStore
+from .index import CatalogIndex
+from .store import IndexStore
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.h5"
 REPORT_FILE = "catalog_report.json"
 DISPLAY_SIZE = 160  # product thumbnails in result grids
+
+
+def _stderr(message):
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -163,6 +169,7 @@ class Recommender:
         dataset_meta = {
             "name": dataset.name,
             "kind": "dataset",
+            "n_test": int(len(dataset.x_test)),
             "source": dataset.source,
             "class_names": list(dataset.class_names),
             "image_shape": list(dataset.x_test.shape[1:]),
@@ -173,7 +180,7 @@ class Recommender:
         self._finish(info, dataset_meta, {"head_test_accuracy": accuracy},
                      dict(embeddings=self.head_.embed(f_cat), ids=np.arange(cfg.n_reco),
                           labels=y_cat, class_names=dataset.class_names, images=x_cat),
-                     timings, t0, t)
+                     timings, t0, t, progress, say)
         self._dataset = dataset
         say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
         return self
@@ -252,7 +259,7 @@ class Recommender:
                      dict(embeddings=self.head_.embed(feats), ids=clean.ids, labels=y,
                           class_names=class_names, paths=[str(p) for p in clean.paths],
                           categories=clean.categories),
-                     timings, t0, t)
+                     timings, t0, t, progress, say)
         if val:
             say(f"head validation accuracy ({cfg.validation_split:.0%} of the products): "
                 f"{val[-1]:.4f}")
@@ -267,8 +274,9 @@ class Recommender:
             verbose="auto" if progress else 0,
         )
 
-    def _finish(self, info, dataset_meta, scores, index_args, timings, t0, t):
-        """Record what made the run and build its index (shared by both fits)."""
+    def _finish(self, info, dataset_meta, scores, index_args, timings, t0, t, progress, say):
+        """Record what made the run and build its index and search back-end (shared by
+        both fits)."""
         self.run_id_ = uuid.uuid4().hex
         self.metadata_ = {
             "run_id": self.run_id_,
@@ -282,6 +290,11 @@ class Recommender:
             **scores,
         }
         self.index_ = CatalogIndex.build(metadata=self.metadata_, **index_args)
+        spec = self.config.search_spec(len(self.index_), log=say)
+        if spec["backend"] != "exact":
+            say(f"index: building the {spec['backend']} graph over {len(self.index_)} items")
+        self.index_.backend = search.build(spec, self.index_.vectors, progress=progress)
+        self.metadata_["search"] = spec
         timings["index_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         timings["peak_rss_mb"] = peak_rss_mb()
@@ -306,9 +319,10 @@ class Recommender:
         self._check_fitted()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        IndexStore(run_dir / INDEX_FILE).reset()  # updates made to an earlier run's index
+        store = IndexStore(run_dir / INDEX_FILE)
+        store.reset()  # updates made to an earlier run's index
         self.head_.save(run_dir, run_id=self.run_id_)
-        self.index_.save(run_dir / INDEX_FILE)
+        store.write_base(self.index_)  # and its HNSW graph, if it has one
         if getattr(self, "report_", None) is not None:
             write_json(run_dir / REPORT_FILE, self.report_)
         write_json(run_dir / RUN_FILE, self.metadata_)
@@ -316,8 +330,11 @@ class Recommender:
         return run_dir
 
     @classmethod
-    def load(cls, run_dir):
-        """Load a run saved by :meth:`save`, in this or any other process."""
+    def load(cls, run_dir, log=_stderr):
+        """Load a run saved by :meth:`save`, in this or any other process.
+
+        A run searched with HNSW whose saved graph is missing, stale or damaged gets
+        it rebuilt (announced through ``log``)."""
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
             raise FashionrecError(f"no trained run in {run_dir}; run `make train` first")
@@ -330,7 +347,7 @@ class Recommender:
         rec.metadata_ = meta
         rec.run_id_ = meta.get("run_id")
         rec.head_ = ClassifierHead.load(run_dir)
-        rec.index_ = IndexStore(run_dir / INDEX_FILE).load()
+        rec.index_ = IndexStore(run_dir / INDEX_FILE).load(rec.search_spec, log=log)
         rec.run_dir_ = run_dir
         if not rec.run_id_ or {rec.head_.run_id_, rec.index_.metadata.get("run_id")} != {
                 rec.run_id_}:
@@ -351,6 +368,12 @@ class Recommender:
     @property
     def class_names(self):
         return self.index_.class_names
+
+    @property
+    def search_spec(self):
+        """How this run's catalog is searched (``run.json``'s ``search``; exact for runs
+        made before there was a choice)."""
+        return self.metadata_.get("search") or {"backend": "exact"}
 
     def test_images(self):
         """Images and labels of the test split the run was trained with."""
@@ -528,7 +551,7 @@ class Recommender:
         say = log or (lambda *_: None)
         store = self._store()
         for item_id in catalog.ids:  # ids of the wrong kind stop us before any work
-            self.index_.parse_id(item_id)
+            self._check_new_id(self.index_.parse_id(item_id))
         clean, report = catalog.check(min_class_size=1, progress=progress)
         keep, labels, skipped = [], [], list(report["skipped"])
         for i, (item_id, label) in enumerate(zip(clean.ids, clean.labels, strict=True)):
@@ -566,7 +589,7 @@ class Recommender:
             None if stored_images is None else np.clip(stored_images, 0, 255).astype(np.uint8),
             paths=[str(p) for p in clean.paths], categories=clean.categories)
         store.add(part)
-        self.index_ = store.load()
+        self.index_ = store.load(self.search_spec, log=say)
         result.update(n_added=len(ids), added=[
             {"id": i, "class": self.class_names[lab],
              "class_from": "catalog" if given is not None else "predicted"}
@@ -578,13 +601,58 @@ class Recommender:
     def remove(self, ids, log=print):
         """Remove discontinued products (by id) from the saved index; all or nothing."""
         self._check_fitted()
+        ids = list(ids)  # any iterable, counted after it is read
         store = self._store()
-        store.remove(list(ids))
-        self.index_ = store.load()
+        store.remove(ids)
+        self.index_ = store.load(self.search_spec, log=log)
         if log:
             log(f"remove: {len(ids)} product(s) removed; the catalog now holds "
                 f"{len(self.index_)} items")
         return self
+
+    def _check_new_id(self, item_id):
+        """On a dataset run an item id below the test split's size is that test image:
+        a new product may not take one, so ids and test indices never mix."""
+        if self.is_catalog or not isinstance(item_id, int):
+            return
+        n_test = self.metadata_["dataset"].get("n_test", get_spec(self.config.dataset).n_test)
+        if 0 <= item_id < n_test:
+            raise FashionrecError(
+                f"id {item_id} is test image {item_id} of {self.config.dataset}; new products "
+                f"take ids from {n_test} up (ids below are the test images themselves)")
+
+    def compact(self, progress=True, log=print):
+        """Fold the added and removed products into a new base index (and a new HNSW
+        graph, for a run searched with one), atomically; see
+        :meth:`fashionrec.store.IndexStore.compact`."""
+        self._check_fitted()
+        store = self._store()
+        manifest = store.compact(self.search_spec, progress=progress, log=log)
+        self.index_ = store.load(self.search_spec, log=log)
+        return manifest
+
+    def reindex(self, search_choice, progress=True, log=print, **hnsw_params):
+        """Search this saved run another way (``"exact"``, ``"hnsw"`` or ``"auto"``)
+        without retraining: build (or drop) its HNSW graph and record the choice in
+        ``run.json``.
+
+        Args:
+            search_choice: as ``RunConfig.search``.
+            hnsw_params: ``hnsw_m``, ``hnsw_ef_construction``, ``hnsw_ef_search``
+                overriding the run's.
+        """
+        self._check_fitted()
+        store = self._store()
+        config = RunConfig.from_dict({**self.config.to_dict(), "search": search_choice,
+                                      **{k: v for k, v in hnsw_params.items()
+                                         if v is not None}})
+        spec = config.search_spec(len(self.index_), log=log)
+        store.build_graph(spec, progress=progress, log=log)
+        self.config = config
+        self.metadata_ = {**self.metadata_, "config": config.to_dict(), "search": spec}
+        write_json(Path(self.run_dir_) / RUN_FILE, self.metadata_)
+        self.index_ = store.load(spec, log=log)
+        return spec
 
     def _store(self):
         if getattr(self, "run_dir_", None) is None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fashionrec import CatalogIndex, FashionrecError
-from fashionrec.index import IndexStore
+from fashionrec.store import IndexStore
 
 CLASSES = ["boots", "bags", "hats"]
 
@@ -115,7 +115,7 @@ KILL_AT = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
     from fashionrec import CatalogIndex
-    from fashionrec.index import IndexStore
+    from fashionrec.store import IndexStore
 
     path, when, what = sys.argv[1], sys.argv[2], sys.argv[3]
     real_replace = os.replace
@@ -171,7 +171,7 @@ UPDATER = textwrap.dedent("""
     import sys
     import numpy as np
     from fashionrec import CatalogIndex
-    from fashionrec.index import IndexStore
+    from fashionrec.store import IndexStore
 
     store = IndexStore(sys.argv[1])
     index = store.load()

@@ -1,0 +1,150 @@
+"""Exact search: ``‖x‖² − 2 q·x + ‖q‖²`` on BLAS, in blocks, then the few best
+candidates re-measured in float64.
+
+The catalog is never converted as a whole: each block of rows is used in its own
+dtype (float32 for an index), multiplied with the queries in one matrix product and
+reduced to its best candidates. The ``k + margin`` best candidates of each query are
+then measured exactly (float64 differences), so the distances are true Euclidean
+distances and equal distances are listed by row, as a full ``cdist`` would give.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FashionrecError
+from .base import SearchBackend, check_query, n_candidates, order_by_distance
+
+BLOCK_ELEMENTS = 1 << 23  # queries x rows compared at a time (32 MB of float32)
+MARGIN = 16  # candidates re-measured beyond k, against float32 rounding
+
+
+class ExactSearch(SearchBackend):
+    """Exact nearest rows of ``vectors`` (``(N, D)``, an array or a memory map).
+
+    Args:
+        vectors: the rows searched, kept as given (not copied) when float32 or
+            float64; anything else is converted to float32.
+        block_rows: rows per block (default: as many as keep a block of distances
+            at about 32 MB).
+        query_block: queries handled together.
+
+    Example:
+        >>> import numpy as np
+        >>> s = ExactSearch(np.array([[0.0], [1.0], [3.0]], dtype=np.float32))
+        >>> rows, dists = s.search([[2.0]], k=2)
+        >>> rows.tolist(), dists.tolist()
+        ([[1, 2]], [[1.0, 1.0]])
+    """
+
+    name = "exact"
+
+    def __init__(self, vectors, block_rows=None, query_block=256):
+        if not (hasattr(vectors, "dtype") and vectors.dtype in (np.float32, np.float64)):
+            vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise FashionrecError(f"search vectors must be (N, D), got shape {vectors.shape}")
+        self.vectors = vectors
+        self.block_rows = block_rows
+        self.query_block = query_block
+        self._sqnorms = None
+
+    @property
+    def size(self):
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self):
+        return self.vectors.shape[1]
+
+    def sqnorms(self):
+        """Squared norms of every row (computed once, in blocks)."""
+        if self._sqnorms is None:
+            out = np.empty(self.size, dtype=self.vectors.dtype)
+            for s in range(0, self.size, 65536):
+                block = np.asarray(self.vectors[s:s + 65536])
+                out[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
+            self._sqnorms = out
+        return self._sqnorms
+
+    def search(self, queries, k, allowed=None, exclude=None):
+        queries = check_query(queries, self.dim)
+        vectors, norms = self.vectors, self.sqnorms()
+        if allowed is not None:  # a filter: search just those rows
+            allowed = np.asarray(allowed, dtype=np.int64)
+            vectors, norms = vectors[allowed], norms[allowed]
+            if exclude is not None:
+                exclude = np.asarray(exclude, dtype=np.int64)
+                pos = np.minimum(np.searchsorted(allowed, exclude), max(len(allowed) - 1, 0))
+                hit = (exclude >= 0) & (len(allowed) > 0)
+                hit &= allowed[pos] == exclude if len(allowed) else hit
+                exclude = np.where(hit, pos, -1)
+        elif exclude is not None:
+            exclude = np.asarray(exclude, dtype=np.int64)
+        k = int(min(k, n_candidates(len(vectors), None, exclude)))
+        if k < 1:
+            raise FashionrecError("the catalog has too few items for this query")
+        m = len(queries)
+        rows = np.empty((m, k), dtype=np.int64)
+        dists = np.empty((m, k))
+        for q0 in range(0, m, self.query_block):
+            q = queries[q0:q0 + self.query_block]
+            ex = None if exclude is None else exclude[q0:q0 + self.query_block]
+            cand = self._candidates(q.astype(vectors.dtype, copy=False), vectors, norms,
+                                    min(len(vectors), k + MARGIN), ex)
+            # exact distances of the candidates, in float64
+            diff = np.asarray(vectors[cand.ravel()], dtype=np.float64).reshape(
+                *cand.shape, -1) - q.astype(np.float64)[:, None, :]
+            d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+            if ex is not None:
+                d[cand == ex[:, None]] = np.inf
+            r, dd = order_by_distance(cand, d, k)
+            rows[q0:q0 + len(q)], dists[q0:q0 + len(q)] = r, dd
+        if allowed is not None:
+            rows = allowed[rows]
+        return rows, dists
+
+    def _candidates(self, q, vectors, norms, kk, exclude):
+        """The ``kk`` rows of smallest ``‖x‖² − 2 q·x`` for each query."""
+        n, m = len(vectors), len(q)
+        block = self.block_rows or max(1024, BLOCK_ELEMENTS // max(m, 1))
+        best_d = np.empty((m, 0), dtype=q.dtype)
+        best_i = np.empty((m, 0), dtype=np.int64)
+        for s in range(0, n, block):
+            x = np.asarray(vectors[s:s + block])
+            d = q @ x.T
+            d *= -2
+            d += norms[s:s + len(x)]
+            if exclude is not None:
+                local = exclude - s
+                hit = (local >= 0) & (local < len(x))
+                d[np.flatnonzero(hit), local[hit]] = np.inf
+            idx = np.broadcast_to(np.arange(s, s + len(x)), d.shape)
+            if len(x) > kk:
+                part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
+                d, idx = np.take_along_axis(d, part, axis=1), part + s
+            best_d = np.concatenate([best_d, d], axis=1)
+            best_i = np.concatenate([best_i, idx], axis=1)
+            if best_d.shape[1] > kk:
+                part = np.argpartition(best_d, kk - 1, axis=1)[:, :kk]
+                best_d = np.take_along_axis(best_d, part, axis=1)
+                best_i = np.take_along_axis(best_i, part, axis=1)
+        return best_i
+
+
+def knn_search(queries, vectors, k, exclude=None, block_size=None, query_block=256):
+    """Exact k nearest neighbours by Euclidean distance (:class:`ExactSearch`).
+
+    Args:
+        queries: ``(M, D)`` array.
+        vectors: ``(N, D)`` array (or a memory map).
+        k: neighbours per query (capped at the number of candidates).
+        exclude: optional ``(M,)`` rows (``-1``: none) each query must not get back.
+        block_size, query_block: catalog rows and queries compared at a time; memory
+            is ``O(query_block * block_size)``, never ``O(M * N)``.
+
+    Returns:
+        ``(rows, distances)``, both ``(M, k)``, nearest first; equal distances are
+        listed by row.
+    """
+    return ExactSearch(vectors, block_size, query_block).search(queries, k, exclude=exclude)
