@@ -4,6 +4,7 @@
 #   make index SEARCH=hnsw     # search a trained run with a FAISS HNSW graph
 #   make compact               # fold added/removed products into the base index
 #   make recommend IDX=5033 K=6
+#   make serve RUN_DIR=runs/default HOST=127.0.0.1 PORT=8000   # the service and its page
 #   make demo-catalog          # your-own-products walk-through on a generated catalog
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -20,6 +21,8 @@ SEARCH     ?= auto
 RUN_DIR    ?= runs/default
 IDX        ?= 5033
 K          ?= 6
+HOST       ?= 127.0.0.1
+PORT       ?= 8000
 N_HELDOUT  ?=
 PYTEST_ARGS ?=
 DEMO_DIR   ?= data/demo-catalog
@@ -30,14 +33,14 @@ DEMO_EPOCHS ?= 20
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
-.PHONY: install train index compact recommend evaluate plot test lint bench experiments demo-catalog clean
+.PHONY: install train index compact serve recommend evaluate plot test lint bench experiments demo-catalog clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ann]'
+	$(BIN)/python -m pip install -q -e '.[dev,ann,serve]'
 	touch $@
 
 train: $(STAMP)
@@ -60,6 +63,11 @@ recommend: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/fashionrec evaluate --run-dir $(RUN_DIR) $(if $(N_HELDOUT),--n-heldout $(N_HELDOUT))
 
+# the service: JSON API under /api (docs at /docs), the page at /; Ctrl-C stops it.
+# Writes need FASHIONREC_API_KEY (or fashionrec serve --api-key-file FILE).
+serve: $(STAMP)
+	$(BIN)/fashionrec serve --run-dir $(RUN_DIR) --host $(HOST) --port $(PORT)
+
 plot: $(STAMP)
 	$(BIN)/fashionrec plot --run-dir $(RUN_DIR)
 
@@ -71,8 +79,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_extract.py --sizes 32,64,112,224
+	$(BIN)/python experiments/embeddings.py --size 64
 	$(BIN)/python experiments/bench_query.py
 	$(BIN)/python experiments/bench_update.py
+	$(BIN)/python experiments/bench_serve.py
 
 experiments: $(STAMP)
 	$(BIN)/python experiments/features.py --size 224

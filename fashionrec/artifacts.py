@@ -66,9 +66,16 @@ def _fsync(path):
 
 
 def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it (``os.umask`` sets it, which races
+    with other threads creating files); where ``/proc`` cannot tell, the usual 022."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_json(path, obj):
@@ -102,6 +109,26 @@ def package_versions():
     backend = importlib.import_module(out["keras_backend"])  # tensorflow, torch or jax
     out[out["keras_backend"]] = getattr(backend, "__version__", None)
     return out
+
+
+def cpu_description():
+    """This machine's CPU for benchmark records: model, cores and the vector/matrix
+    extensions that decide float32/bf16 speed (from ``/proc/cpuinfo`` on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
+              "amx_tile": "AMX"}
+    have = [name for flag, name in wanted.items() if flag in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(have)})" if have else "")
 
 
 def sha256_file(path):

@@ -334,6 +334,17 @@ def _read_bytes(path):
         raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
 
 
+def decode_image(data, name="image"):
+    """Image bytes (an upload) fully decoded like a file by :func:`open_image`; ``name``
+    is how errors refer to it."""
+    return _decode(data, name)
+
+
+def rgb_from_pil(img, size=None):
+    """A decoded PIL image as RGB uint8, prepared like :func:`read_image`."""
+    return _to_rgb(img, size)
+
+
 def open_image(path):
     """An image file fully decoded (PIL), EXIF rotation applied; a missing, empty,
     truncated or foreign file is a one-line :class:`FashionrecError`."""

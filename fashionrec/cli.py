@@ -1,5 +1,5 @@
-"""``fashionrec train | recommend | add | remove | compact | index | evaluate | plot`` — a
-thin layer over the library.
+"""``fashionrec train | recommend | add | remove | compact | index | evaluate | plot |
+serve`` — a thin layer over the library.
 
 Every user error is one line on stderr and a non-zero exit code.
 """
@@ -163,6 +163,30 @@ def build_parser():
     e.add_argument("--out", default=None,
                    help="JSON to write (default: RUN_DIR/evaluation.json)")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sv = sub.add_parser("serve", help="the recommendation service: HTTP API and web page",
+                        description="Serve a trained run over HTTP (FastAPI + uvicorn): the "
+                                    "JSON API under /api (docs at /docs), metrics at "
+                                    "/metrics, the page at /. Stops on Ctrl-C or SIGTERM.")
+    sv.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                    help="the trained run (default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=_int_at_least(0), default=8000,
+                    help="port (default: %(default)s)")
+    sv.add_argument("--api-key-file", default=None,
+                    help="file holding the API key that writes (add, remove) need; "
+                         "default: the FASHIONREC_API_KEY variable; neither: writes are off")
+    sv.add_argument("--cors-origin", action="append", default=[],
+                    help="an origin allowed to call the API from a browser (repeatable; "
+                         "default: none)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0,
+                    help="largest upload in MB (default: %(default)s)")
+    sv.add_argument("--max-batch", type=_positive, default=16,
+                    help="photo queries answered by one backbone call (default: %(default)s)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="longest a photo query waits for others to join its batch "
+                         "(default: %(default)s)")
 
     pl = sub.add_parser("plot", help="training accuracy and loss curves as PNG",
                         description="Plot the head's accuracy and loss curves.")
@@ -405,6 +429,29 @@ def cmd_index(args):
     return 0
 
 
+def cmd_serve(args):
+    try:
+        from .serve import ServeSettings, run
+    except ImportError as exc:
+        raise FashionrecError(f"serve needs its extra: pip install 'fashionrec[serve]' "
+                              f"({exc.name} is missing)") from None
+    key = os.environ.get("FASHIONREC_API_KEY") or None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise FashionrecError(f"API key file {args.api_key_file} is empty")
+    if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
+        raise FashionrecError("--max-upload-mb must be > 0 and --max-wait-ms >= 0")
+    settings = ServeSettings(run_dir=args.run_dir, api_key=key,
+                             cors_origins=tuple(args.cors_origin),
+                             max_upload_bytes=int(args.max_upload_mb * 2**20),
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    run(settings, host=args.host, port=args.port,
+        log=lambda message: print(message, flush=True))
+    print("fashionrec serve: stopped", flush=True)
+    return 0
+
+
 def cmd_evaluate(args):
     from .artifacts import write_json
     from .evaluate import evaluate, format_table
@@ -441,7 +488,7 @@ def cmd_plot(args):
 
 COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "add": cmd_add,
             "remove": cmd_remove, "compact": cmd_compact, "index": cmd_index,
-            "evaluate": cmd_evaluate, "plot": cmd_plot}
+            "evaluate": cmd_evaluate, "plot": cmd_plot, "serve": cmd_serve}
 
 
 def main(argv=None):

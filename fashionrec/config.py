@@ -63,8 +63,9 @@ class RunConfig:
     def __post_init__(self):
         self.validate()
 
-    def validate(self):
-        """Raise :class:`FashionrecError` naming the first bad value."""
+    def validate(self, paths=True):
+        """Raise :class:`FashionrecError` naming the first bad value; with ``paths``,
+        the files and folders named must exist too (what training needs)."""
         if self.dataset not in (*DATASET_NAMES, "catalog"):
             raise FashionrecError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
@@ -101,8 +102,10 @@ class RunConfig:
                 raise FashionrecError(
                     f"backbone must be 'resnet50' or a saved .keras model, got {self.backbone!r}"
                 )
-            if not path.is_file():
+            if paths and not path.is_file():
                 raise FashionrecError(f"backbone file {self.backbone} does not exist")
+        if not paths:
+            return self
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise FashionrecError(
                 f"weights must be 'imagenet', 'none' or an existing weights file, "
@@ -124,9 +127,19 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, check_paths=True):
+        """A config from a dict (unknown keys ignored). ``check_paths=False`` is for a
+        saved run: its training data and backbone files may have moved, or the run
+        been copied to another machine, and it can still answer item queries."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        if check_paths:
+            return cls(**values)
+        cfg = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            setattr(cfg, f.name, values.get(f.name, default))
+        return cfg.validate(paths=False)
 
 
 def project_roots():

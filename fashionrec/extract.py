@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
+import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,27 +81,42 @@ class BackboneInfo:
 def fetch_imagenet_weights(cache_dir=None, timeout=30):
     """Path of the official ResNet50 no-top ImageNet weights.
 
-    Uses Keras's cache (``~/.keras/models``) when the file there has the published
-    hash, else downloads it with ``keras.utils.get_file`` and checks the hash.
-    Raises :class:`FashionrecError` if neither works.
+    Uses Keras's cache (``cache_dir``, default ``$KERAS_HOME`` or ``~/.keras``, then
+    ``models/``) when the file there has the published hash, else downloads it there
+    (``timeout`` seconds per network operation, for this download only) and checks the
+    hash before the file takes its name. Raises :class:`FashionrecError` if neither
+    works.
     """
-    from keras.utils import get_file
+    import shutil
+    import urllib.request
 
     fname, md5 = IMAGENET_NOTOP
-    if cache_dir is not None:  # get_file falls back to /tmp for a folder it cannot write
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
+    base = Path(cache_dir) if cache_dir is not None else Path(
+        os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+    target = base / "models" / fname
+    if target.is_file() and _md5(target) == md5:
+        return target
     try:
-        return Path(get_file(fname, WEIGHTS_BASE_URL + fname, file_hash=md5,
-                             cache_subdir="models", cache_dir=cache_dir))
+        with urllib.request.urlopen(WEIGHTS_BASE_URL + fname, timeout=timeout) as response, \
+                atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                shutil.copyfileobj(response, fh, 1 << 20)
+            if _md5(tmp) != md5:
+                raise ValueError("the file's MD5 is not the published one")
     except Exception as exc:  # urllib, hash and OS errors all mean "not available"
         raise FashionrecError(
             f"ImageNet weights {fname} are not in Keras's cache and could not be "
             f"downloaded ({short_reason(exc)})"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    return target
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def find_standin():
@@ -243,14 +259,14 @@ def rebuild_backbone(info, log=None):
         elif info.weights == "imagenet":
             model = _resnet50(str(fetch_imagenet_weights()), info.image_size, 0)
         else:
-            _check_same_file(info.weights_path, info.weights_hash)
-            model = _resnet50(info.weights_path, info.image_size, 0)
+            model = _resnet50(_check_same_file(info.weights_path, info.weights_hash),
+                              info.image_size, 0)
     else:
-        _check_same_file(info.model_path, info.model_sha256)
-        model, _ = _load_saved_backbone(Path(info.model_path), info.image_size)
+        model_path = _check_same_file(info.model_path, info.model_sha256)
+        model, _ = _load_saved_backbone(Path(model_path), info.image_size)
         if info.weights == "file":
-            _check_same_file(info.weights_path, info.weights_hash)
-            _load_weights(model, info.weights_path, info.model_path)
+            _load_weights(model, _check_same_file(info.weights_path, info.weights_hash),
+                          model_path)
     if log:
         log(f"backbone: {info.describe()}")
     return model
@@ -266,11 +282,20 @@ def _load_weights(model, weights, backbone):
 
 
 def _check_same_file(path, sha256):
+    """``path`` if it still holds the file the run was trained with; else a file of the
+    same name and SHA-256 in ``../shared/models`` (a run copied to another machine);
+    else a one-line error."""
+    if Path(path).is_file() and sha256_file(path) == sha256:
+        return path
+    for shared in shared_dirs():
+        other = shared / "models" / Path(path).name
+        if other.is_file() and other.resolve() != Path(path).resolve() and \
+                sha256_file(other) == sha256:
+            return str(other)
     if not Path(path).is_file():
         raise FashionrecError(f"the run's backbone file {path} is gone; restore it or re-train")
-    if sha256_file(path) != sha256:
-        raise FashionrecError(f"the run's backbone file {path} has changed since training; "
-                              f"restore it or re-train")
+    raise FashionrecError(f"the run's backbone file {path} has changed since training; "
+                          f"restore it or re-train")
 
 
 def to_model_input(images, image_size):
@@ -309,6 +334,7 @@ class FeatureExtractor:
         self.model = model
         self.info = info
         self.batch_size = batch_size
+        self._lock = threading.Lock()  # one backbone call at a time (threads of a server)
 
     def iter_batches(self, images, progress=False, desc="extract"):
         """Yield ``(start, features)`` for consecutive batches of ``images``."""
@@ -318,7 +344,9 @@ class FeatureExtractor:
             for start in range(0, n, self.batch_size):
                 batch = images[start:start + self.batch_size]
                 x = to_model_input(batch, self.info.image_size)
-                yield start, np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+                with self._lock:
+                    feats = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+                yield start, feats
                 bar.update(len(batch))
 
     def transform(self, images, progress=False):

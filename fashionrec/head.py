@@ -7,6 +7,7 @@ weights. Its 512-d ``dense_mid`` output is the embedding the catalog is ranked i
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ from .artifacts import atomic_path, read_json, scaler_from_arrays, scaler_to_arr
 from .errors import FashionrecError
 
 MID_LAYER = "dense_mid"
+
+
+_PREDICT_LOCK = threading.RLock()  # Keras predict() is not safe from several threads at once
 
 
 def build_head_model(input_dim, n_classes, hidden=(1024, 512), dropout=0.7):
@@ -113,7 +117,9 @@ class ClassifierHead:
 
     def predict_proba(self, X, batch_size=1024):
         self._check_fitted()
-        return np.asarray(self.model_.predict(self._scaled(X), batch_size=batch_size, verbose=0))
+        with _PREDICT_LOCK:
+            return np.asarray(self.model_.predict(self._scaled(X), batch_size=batch_size,
+                                                  verbose=0))
 
     def predict(self, X):
         return self.predict_proba(X).argmax(axis=1)
@@ -121,8 +127,9 @@ class ClassifierHead:
     def embed(self, X, batch_size=1024):
         """The 512-d ``dense_mid`` activations (dropout off) of features ``X``."""
         self._check_fitted()
-        return np.asarray(self.embedder_.predict(self._scaled(X), batch_size=batch_size,
-                                                 verbose=0), dtype=np.float32)
+        with _PREDICT_LOCK:
+            return np.asarray(self.embedder_.predict(self._scaled(X), batch_size=batch_size,
+                                                     verbose=0), dtype=np.float32)
 
     def save(self, folder, run_id=None):
         """Write ``head.keras`` (the network) and ``head.json`` (scaler, settings, history,

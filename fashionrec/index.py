@@ -77,6 +77,7 @@ class CatalogIndex:
         if len(self._row_of) != n:
             raise FashionrecError("index ids are not unique")
         self._backend = None
+        self.base_id = None  # the id of the file it was loaded from (see save)
 
     @classmethod
     def build(cls, embeddings, ids, labels, class_names, images=None, metadata=None,
@@ -153,7 +154,9 @@ class CatalogIndex:
         """Like :meth:`search`, excluding catalog rows (``-1``: none) instead of ids;
         ``allowed_rows`` restricts the search to those rows (e.g. one category)."""
         if allowed_rows is not None:
-            allowed_rows = np.unique(np.asarray(allowed_rows, dtype=np.int64))
+            allowed_rows = np.asarray(allowed_rows, dtype=np.int64)
+            if len(allowed_rows) > 1 and not (allowed_rows[1:] > allowed_rows[:-1]).all():
+                allowed_rows = np.unique(allowed_rows)  # back-ends take sorted rows
         return self.backend.search(vectors, k, allowed_rows, exclude_rows)
 
     def take(self, rows):

@@ -9,6 +9,7 @@ living catalog.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,12 @@ from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_
 from .catalog import (
     Catalog,
     category_matches,
+    decode_image,
     format_report,
     image_from_array,
     open_image,
     read_image,
+    rgb_from_pil,
 )
 from .config import RunConfig
 from .data import Dataset, get_spec, load_dataset, load_split
@@ -115,9 +118,13 @@ class Recommender:
     """
 
     def __init__(self, config=None, **overrides):
-        base = (config or RunConfig()).to_dict()
-        base.update(overrides)
-        self.config = RunConfig.from_dict(base)
+        if config is not None and not overrides:
+            self.config = config  # validated when it was made
+        else:
+            base = (config or RunConfig()).to_dict()
+            base.update(overrides)
+            self.config = RunConfig.from_dict(base)
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ fit
     def fit(self, dataset=None, cache_dir=None, progress=True, log=print):
@@ -277,6 +284,7 @@ class Recommender:
     def _finish(self, info, dataset_meta, scores, index_args, timings, t0, t, progress, say):
         """Record what made the run and build its index and search back-end (shared by
         both fits)."""
+        self.run_dir_ = None  # a new run: updates go to where it is saved, not a loaded one
         self.run_id_ = uuid.uuid4().hex
         self.metadata_ = {
             "run_id": self.run_id_,
@@ -329,6 +337,11 @@ class Recommender:
         self.run_dir_ = run_dir
         return run_dir
 
+    @staticmethod
+    def read_run_id(run_dir):
+        """The run id ``run_dir/run.json`` names (cheap: no model is loaded)."""
+        return read_json(Path(run_dir) / RUN_FILE, "run file").get("run_id")
+
     @classmethod
     def load(cls, run_dir, log=_stderr):
         """Load a run saved by :meth:`save`, in this or any other process.
@@ -340,7 +353,7 @@ class Recommender:
             raise FashionrecError(f"no trained run in {run_dir}; run `make train` first")
         meta = read_json(run_dir / RUN_FILE, "run file")
         try:
-            rec = cls(RunConfig.from_dict(meta["config"]))
+            rec = cls(RunConfig.from_dict(meta["config"], check_paths=False))
             info = BackboneInfo.from_dict(meta["backbone"])
         except (KeyError, TypeError) as exc:
             raise FashionrecError(f"{run_dir / RUN_FILE} is not a fashionrec run ({exc})") from None
@@ -359,10 +372,14 @@ class Recommender:
     # ------------------------------------------------------------ recommend
     @property
     def extractor(self):
+        """The run's feature extractor, built on first use (once, even when several
+        threads ask at the same time)."""
         if not hasattr(self, "extractor_"):
-            model = rebuild_backbone(self._backbone_info)
-            self.extractor_ = FeatureExtractor(model, self._backbone_info,
-                                               self.config.extract_batch_size)
+            with self._lock:
+                if not hasattr(self, "extractor_"):
+                    model = rebuild_backbone(self._backbone_info)
+                    self.extractor_ = FeatureExtractor(model, self._backbone_info,
+                                                       self.config.extract_batch_size)
         return self.extractor_
 
     @property
@@ -409,26 +426,33 @@ class Recommender:
             image = (read_image(query, self.config.image_size) if self.is_catalog
                      else load_image(query, self._image_shape()))
             return image, {"kind": "file", "source": str(query)}
+        if isinstance(query, (bytes, bytearray)):  # an uploaded file, read like a file
+            img = decode_image(bytes(query), "upload")
+            image = (rgb_from_pil(img, self.config.image_size) if self.is_catalog
+                     else gray_from_pil(img, self._image_shape()))
+            return image, {"kind": "upload", "source": "upload"}
         if isinstance(query, np.ndarray):
             image = (image_from_array(query, self.config.image_size) if self.is_catalog
                      else to_gray(query, self._image_shape()))
             return image, {"kind": "array", "source": "array"}
-        raise FashionrecError(
-            f"a query is a test index, an image path or an image array, not {type(query).__name__}")
+        raise FashionrecError(f"a query is a test index, an image path, image bytes or an "
+                              f"image array, not {type(query).__name__}")
 
     def _image_shape(self):
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]
 
-    def item_image(self, item_id):
-        """A catalog item's picture for display, or ``None`` if its file is gone."""
-        row = self.index_.row_of(item_id)
+    def item_image(self, item_id, index=None):
+        """A catalog item's picture for display, or ``None`` if its file is gone
+        (``index``: the index snapshot to look in; default the current one)."""
+        index = self.index_ if index is None else index
+        row = index.row_of(item_id)
         if row is None:
             raise FashionrecError(f"item {item_id!r} is not in the catalog")
-        if self.index_.images is not None:
-            return self.index_.images[row]
-        if self.index_.paths is not None and self.index_.paths[row]:
+        if index.images is not None:
+            return index.images[row]
+        if index.paths is not None and index.paths[row]:
             try:
-                return read_image(self.index_.paths[row], DISPLAY_SIZE)
+                return read_image(index.paths[row], DISPLAY_SIZE)
             except FashionrecError:
                 return None
         return None
@@ -438,8 +462,9 @@ class Recommender:
 
         Args:
             query: a test-split index (``int``, Fashion-MNIST runs), an image file path
-                (a new product), or an image array (``(H, W)``, ``(H, W, 1)``,
-                ``(H, W, 3)`` or ``(H, W, 4)``, values 0-255).
+                (a new product), the bytes of an image file (an upload), or an image
+                array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
+                0-255).
             k: how many items.
             item: instead of ``query``, the id of a catalog item (no image is read:
                 its stored vector is the query).
@@ -450,36 +475,75 @@ class Recommender:
                 a category are matched by their class name.
 
         A query that is itself in the catalog never gets itself back. With a filter,
-        fewer than ``k`` items come back when fewer match.
+        fewer than ``k`` items come back when fewer match. The whole query sees one
+        state of the index, even while another thread adds or removes products.
         """
         self._check_fitted()
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise FashionrecError(f"k must be a positive integer, got {k!r}")
+        _check_k(k)
         if (query is None) == (item is None):
             raise FashionrecError("give either a query (test index, image) or an item id")
-        index = self.index_
-        if item is not None:
-            row = index.row_of(item)
-            if row is None:
-                raise FashionrecError(f"item {item!r} is not in the catalog")
-            label = int(index.labels[row])
-            info = {"kind": "item", "id": index.ids[row].item() if index.id_kind == "int"
-                    else index.ids[row], "true_label": label,
-                    "true_class": self.class_names[label], "category": index.category_of(row)}
-            if index.paths is not None and index.paths[row]:
-                info["path"] = index.paths[row]
-            vector, query_class, own_row = index.vectors[row:row + 1], label, row
-            image = self.item_image(item)
-        else:
-            image, info = self.query_image(query)
-            feats = self.extractor.transform(image[None])
-            probs = self.head_.predict_proba(feats)[0]
-            pred = int(probs.argmax())
+        if item is None:
+            result = self.recommend_batch([dict(query=query, k=k, same_class=same_class,
+                                                category=category)])[0]
+            if isinstance(result, FashionrecError):
+                raise result
+            return result
+        index = self.index_  # one snapshot for the whole query
+        row = index.row_of(item)
+        if row is None:
+            raise FashionrecError(f"item {item!r} is not in the catalog")
+        label = int(index.labels[row])
+        info = {"kind": "item", "id": index.ids[row].item() if index.id_kind == "int"
+                else index.ids[row], "true_label": label,
+                "true_class": self.class_names[label], "category": index.category_of(row)}
+        if index.paths is not None and index.paths[row]:
+            info["path"] = index.paths[row]
+        return self._search(index, info, index.vectors[row:row + 1], label, row,
+                            self.item_image(item, index), k, same_class, category)
+
+    def recommend_batch(self, requests):
+        """Recommendations for several image queries with one backbone call.
+
+        Args:
+            requests: dicts with ``query`` (a test index, an image path or array, as
+                for :meth:`recommend`) and optionally ``k``, ``same_class``,
+                ``category``.
+
+        Returns:
+            One :class:`Recommendation` per request, or the :class:`FashionrecError`
+            that request met (a bad image fails its own request, not the batch).
+        """
+        self._check_fitted()
+        index = self.index_  # one snapshot for the whole batch
+        results, prepared = [None] * len(requests), []
+        for i, req in enumerate(requests):
+            try:
+                _check_k(req.get("k", 6))
+                image, info = self.query_image(req["query"])
+                prepared.append((i, image, info))
+            except FashionrecError as exc:
+                results[i] = exc
+        if not prepared:
+            return results
+        feats = self.extractor.transform(np.stack([image for _, image, _ in prepared]))
+        probs = self.head_.predict_proba(feats)
+        vectors = index.transform(self.head_.embed(feats))
+        for (i, image, info), p, vector in zip(prepared, probs, vectors, strict=True):
+            req, pred = requests[i], int(p.argmax())
             info.update(predicted_label=pred, predicted_class=self.class_names[pred],
-                        probability=float(probs[pred]))
-            vector = index.transform(self.head_.embed(feats))
-            query_class = pred
+                        probability=float(p[pred]))
             own_row = index.row_of(info["test_index"]) if info["kind"] == "test_index" else None
+            try:
+                results[i] = self._search(index, info, vector[None], pred, own_row, image,
+                                          req.get("k", 6), req.get("same_class", False),
+                                          req.get("category"))
+            except FashionrecError as exc:
+                results[i] = exc
+        return results
+
+    def _search(self, index, info, vector, query_class, own_row, image, k, same_class,
+                category):
+        """The nearest items of ``index`` to ``vector``, filtered; a Recommendation."""
         allowed = None
         if same_class or category is not None:
             mask = np.ones(len(index), dtype=bool)
@@ -503,12 +567,11 @@ class Recommender:
                                   f"{'other ' if own_row is not None else ''}items")
         exclude = None if own_row is None or allowed is not None else [own_row]
         rows, dists = index.search_rows(vector, k, exclude, allowed)
-        items = [self._item(r + 1, row, d) for r, (row, d) in
+        items = [self._item(index, r + 1, row, d) for r, (row, d) in
                  enumerate(zip(rows[0], dists[0], strict=True))]
         return Recommendation(query=info, items=items, image=image)
 
-    def _item(self, rank, row, distance):
-        index = self.index_
+    def _item(self, index, rank, row, distance):
         item_id = index.ids[row]
         return Item(rank=rank, id=int(item_id) if index.id_kind == "int" else str(item_id),
                     label=int(index.labels[row]),
@@ -645,7 +708,7 @@ class Recommender:
         store = self._store()
         config = RunConfig.from_dict({**self.config.to_dict(), "search": search_choice,
                                       **{k: v for k, v in hnsw_params.items()
-                                         if v is not None}})
+                                         if v is not None}}, check_paths=False)
         spec = config.search_spec(len(self.index_), log=log)
         store.build_graph(spec, progress=progress, log=log)
         self.config = config
@@ -658,6 +721,11 @@ class Recommender:
         if getattr(self, "run_dir_", None) is None:
             raise FashionrecError("save() the run first: updates go to its saved index")
         return IndexStore(Path(self.run_dir_) / INDEX_FILE)
+
+
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise FashionrecError(f"k must be a positive integer, got {k!r}")
 
 
 def to_gray(image, shape):
@@ -682,8 +750,12 @@ def to_gray(image, shape):
 def load_image(path, shape):
     """Read an image file as gray ``shape``-sized array (values 0-255), read and
     checked like a catalog image (:func:`fashionrec.catalog.open_image`)."""
+    return gray_from_pil(open_image(path), shape)
+
+
+def gray_from_pil(img, shape):
+    """A decoded PIL image as a gray ``shape``-sized float32 array (values 0-255)."""
     from PIL import Image
 
-    img = open_image(path).convert("L").resize(tuple(reversed(shape)),
-                                               Image.Resampling.BILINEAR)
+    img = img.convert("L").resize(tuple(reversed(shape)), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.float32)

@@ -267,10 +267,10 @@ class IndexStore:
             base_id = uuid.uuid4().hex
             index.save(self.path, base_id=base_id)
             index.base_id = base_id
-            if isinstance(index._backend, HNSWSearch):
+            if isinstance(index.backend, HNSWSearch):
                 m = {**self.manifest(), "base_id": base_id,
                      "run_id": index.metadata.get("run_id")}
-                m["ann"] = self._save_graph(index._backend, index, m)
+                m["ann"] = self._save_graph(index.backend, index, m)
                 self._publish(m)
         return self.path
 
@@ -462,10 +462,10 @@ def _replace_by_link(src, dst):
             shutil.copyfile(src, tmp)
 
 
-def _check_graph(ann, vectors, n=8):
-    """A loaded graph must find a few of its own rows at distance 0 (a cheap guard
-    against a file that reads but holds other vectors)."""
+def _check_graph(ann, vectors, n=16):
+    """A loaded graph must hold the index's own vectors at a few rows spread over it
+    (a cheap guard against a file that reads but belongs to other vectors)."""
     rows = np.linspace(0, len(vectors) - 1, min(n, len(vectors))).astype(np.int64)
-    _, dists = ann.search(np.asarray(vectors[rows]), 1)
-    if not np.allclose(dists[:, 0], 0, atol=1e-3):
+    stored = np.stack([ann.index.reconstruct(int(r)) for r in rows])
+    if not np.array_equal(stored, np.asarray(vectors[rows], dtype=np.float32)):
         raise FashionrecError("its vectors are not the index's")

@@ -246,3 +246,19 @@ def test_a_reader_never_sees_a_half_compacted_index(store):
     assert int(out) >= 2  # it saw several states
     assert os.listdir(s.segment_dir) == [] or all(
         f.startswith("ann-") for f in os.listdir(s.segment_dir))
+
+
+def test_a_sound_graph_with_poor_recall_is_trusted_not_rebuilt(tmp_path):
+    """The integrity check reads the graph's stored vectors; it does not ask the graph
+    to find them (an approximate graph on hard data may not)."""
+    rng = np.random.default_rng(0)
+    index = CatalogIndex(rng.standard_normal((400, 64)).astype(np.float32), np.arange(400),
+                         np.zeros(400), CLASSES, base_index(10).scaler,
+                         metadata={"run_id": "run-1"})
+    spec = {**SPEC, "m": 2, "ef_construction": 2, "ef_search": 2}
+    index.backend = HNSWSearch.build(index.vectors, 2, 2, 2)
+    s = IndexStore(tmp_path / "index.h5")
+    s.write_base(index)
+    messages = []
+    assert isinstance(s.load(spec, log=messages.append).backend, HNSWSearch)
+    assert messages == []

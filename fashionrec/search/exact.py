@@ -69,18 +69,21 @@ class ExactSearch(SearchBackend):
 
     def search(self, queries, k, allowed=None, exclude=None):
         queries = check_query(queries, self.dim)
-        vectors, norms = self.vectors, self.sqnorms()
-        if allowed is not None:  # a filter: search just those rows
+        if exclude is not None:
+            exclude = np.asarray(exclude, dtype=np.int64)
+        if allowed is None:
+            vectors, norms = self.vectors, self.sqnorms()
+        else:  # a filter: search just those rows (their norms alone, if not known yet)
             allowed = np.asarray(allowed, dtype=np.int64)
-            vectors, norms = vectors[allowed], norms[allowed]
+            vectors = np.asarray(self.vectors[allowed])
+            norms = self._sqnorms[allowed] if self._sqnorms is not None else np.einsum(
+                "ij,ij->i", vectors, vectors)
             if exclude is not None:
                 exclude = np.asarray(exclude, dtype=np.int64)
                 pos = np.minimum(np.searchsorted(allowed, exclude), max(len(allowed) - 1, 0))
                 hit = (exclude >= 0) & (len(allowed) > 0)
                 hit &= allowed[pos] == exclude if len(allowed) else hit
                 exclude = np.where(hit, pos, -1)
-        elif exclude is not None:
-            exclude = np.asarray(exclude, dtype=np.int64)
         k = int(min(k, n_candidates(len(vectors), None, exclude)))
         if k < 1:
             raise FashionrecError("the catalog has too few items for this query")
@@ -92,10 +95,7 @@ class ExactSearch(SearchBackend):
             ex = None if exclude is None else exclude[q0:q0 + self.query_block]
             cand = self._candidates(q.astype(vectors.dtype, copy=False), vectors, norms,
                                     min(len(vectors), k + MARGIN), ex)
-            # exact distances of the candidates, in float64
-            diff = np.asarray(vectors[cand.ravel()], dtype=np.float64).reshape(
-                *cand.shape, -1) - q.astype(np.float64)[:, None, :]
-            d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+            d = true_distances(q, vectors, cand)
             if ex is not None:
                 d[cand == ex[:, None]] = np.inf
             r, dd = order_by_distance(cand, d, k)
@@ -130,6 +130,15 @@ class ExactSearch(SearchBackend):
                 best_d = np.take_along_axis(best_d, part, axis=1)
                 best_i = np.take_along_axis(best_i, part, axis=1)
         return best_i
+
+
+def true_distances(queries, vectors, rows):
+    """Euclidean distances in float64 between each query and its ``rows`` of
+    ``vectors`` (``(M, K)``; a row of ``-1`` gets ``inf``)."""
+    valid = rows >= 0
+    x = np.asarray(vectors[np.where(valid, rows, 0).ravel()], dtype=np.float64)
+    diff = x.reshape(*rows.shape, -1) - np.asarray(queries, dtype=np.float64)[:, None, :]
+    return np.where(valid, np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)), np.inf)
 
 
 def knn_search(queries, vectors, k, exclude=None, block_size=None, query_block=256):

@@ -1,8 +1,8 @@
 """Approximate search: a FAISS HNSW graph (``pip install 'fashionrec[ann]'``).
 
-``IndexHNSWFlat`` keeps the vectors themselves, so the distances it reports are the
-float32 squared distances of the rows it found; their square roots are returned.
-Filters keep their meaning:
+The graph (``IndexHNSWFlat``) finds the rows; their distances are then measured in
+float64 from the index's vectors, like the exact back-end's, so both report the same
+distance for the same row. Filters keep their meaning:
 
 * a selective filter (at most ``filter_exact_max`` allowed rows) is answered exactly
   over those rows;
@@ -24,7 +24,7 @@ import numpy as np
 from ..artifacts import atomic_path
 from ..errors import FashionrecError
 from .base import SearchBackend, check_query, n_candidates, order_by_distance
-from .exact import ExactSearch
+from .exact import ExactSearch, true_distances
 
 EF_MAX = 4096  # the widest search list a filter may ask for
 FILTER_EXACT_MAX = 20000  # filters keeping at most this many rows are answered exactly
@@ -129,13 +129,14 @@ class HNSWSearch(SearchBackend):
             params.sel = selector = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits))
             ef = min(EF_MAX, max(ef, math.ceil(ef * self.size / max(n_allowed, 1))))
         params.efSearch = ef
-        d2, rows = self.index.search(queries, kk, params=params)
+        _, rows = self.index.search(queries, kk, params=params)
         del bits, selector
         rows = rows.astype(np.int64)
         if exclude is not None:
             rows[rows == np.asarray(exclude, dtype=np.int64)[:, None]] = -1
-        dists = np.where(rows >= 0, np.sqrt(np.maximum(d2, 0), dtype=np.float64), np.inf)
-        rows, dists = order_by_distance(rows, dists, k)
+        # the rows the graph found, measured exactly (as the exact back-end does)
+        rows, dists = order_by_distance(rows, true_distances(queries, self.exact.vectors, rows),
+                                        k)
         short = np.flatnonzero((rows < 0).any(axis=1))
         if len(short):  # the graph found too few: answer those queries exactly
             ex = None if exclude is None else np.asarray(exclude)[short]

@@ -1,0 +1,128 @@
+"""The run a service serves: loaded once, warmed, and swapped whole when it changes.
+
+:class:`RunWatcher` holds a loaded :class:`~fashionrec.recommend.Recommender`. Every
+query asks it for the current one; at most every ``check_interval`` seconds that
+looks at ``run.json`` and the index manifest (two ``stat`` calls):
+
+* the index changed (an ``add`` / ``remove`` / ``compact`` by the CLI or another
+  process): the live index is loaded and swapped in; queries already running keep
+  the index they started with (``Recommender.recommend`` takes one snapshot);
+* the run was retrained in place: the new run is loaded only once it is complete
+  (``Recommender.load`` refuses a half-saved run), warmed, then swapped in whole;
+  until then the old one answers.
+
+Writes made through the service (add, remove) are serialised by one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FashionrecError
+from ..recommend import INDEX_FILE, RUN_FILE, Recommender
+from ..store import IndexStore
+
+
+def _stamp(path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class RunWatcher:
+    """A served run that follows changes on disk.
+
+    Args:
+        run_dir: the trained run.
+        check_interval: seconds between looks at the files.
+        log: where reloads are reported.
+    """
+
+    def __init__(self, run_dir, check_interval=0.5, log=None):
+        self.run_dir = Path(run_dir)
+        self.check_interval = check_interval
+        self.log = log or (lambda *_: None)
+        self.write_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._stamps = self._read_stamps()
+        self.rec = Recommender.load(self.run_dir, log=self.log)
+        self._last_check = time.monotonic()
+        self.ready = False
+        self.photo_error = None  # why photo queries cannot be answered, if they cannot
+
+    def _read_stamps(self):
+        store = IndexStore(self.run_dir / INDEX_FILE)
+        return _stamp(self.run_dir / RUN_FILE), _stamp(store.manifest_path)
+
+    def warm(self):
+        """Build the backbone and run one query through every stage, so the first
+        user does not pay for it; then the service is ready. A run whose backbone
+        cannot be rebuilt here (copied without it) still serves item queries."""
+        self.photo_error = warm_up(self.rec)
+        if self.photo_error:
+            self.log(f"serve: photo queries are unavailable ({self.photo_error}); item "
+                     f"queries are served")
+        self.ready = True
+
+    def current(self):
+        """The recommender to answer with (reloaded first if its files changed)."""
+        now = time.monotonic()
+        if now - self._last_check >= self.check_interval:
+            self._last_check = now
+            stamps = self._read_stamps()
+            if stamps != self._stamps and self._reload_lock.acquire(blocking=False):
+                try:
+                    self._reload(stamps)
+                finally:
+                    self._reload_lock.release()
+        return self.rec
+
+    def _reload(self, stamps):
+        rec = self.rec
+        try:
+            run_id = Recommender.read_run_id(self.run_dir)
+            if run_id != rec.run_id_:  # retrained: swap in the whole new run once complete
+                new = Recommender.load(self.run_dir, log=self.log)
+                photo_error = warm_up(new)
+                self.rec, self.photo_error = new, photo_error
+                self.log(f"serve: switched to run {new.run_id_} ({len(new.index_)} items)")
+            else:
+                index = IndexStore(self.run_dir / INDEX_FILE).load(rec.search_spec, log=self.log)
+                if index.metadata.get("run_id") != rec.run_id_:
+                    return  # a retrain is being written: keep what we have, look again later
+                rec.index_ = index
+                self.log(f"serve: index generation {index.metadata.get('generation')} "
+                         f"({len(index)} items)")
+        except FashionrecError as exc:  # half-written: try again at the next look
+            self.log(f"serve: not reloaded yet ({exc})")
+            return
+        self._stamps = stamps
+
+    def after_write(self):
+        """Note the files as they are after a write this service made itself."""
+        self._stamps = self._read_stamps()
+
+
+def warm_up(rec):
+    """One item query and one photo query through every stage (this builds the
+    backbone and compiles what Keras compiles lazily). Returns why photo queries fail
+    (e.g. the backbone file is gone), or ``None``."""
+    index = rec.index_
+    if len(index) > 1:
+        rec.recommend(item=index.ids[0].item() if index.id_kind == "int" else index.ids[0],
+                      k=1)
+    if rec.is_catalog:
+        image = np.full((rec.config.image_size, rec.config.image_size, 3), 255, np.uint8)
+    else:
+        image = np.zeros(rec._image_shape(), np.float32)
+    try:
+        result = rec.recommend_batch([{"query": image, "k": 1}])[0]
+    except FashionrecError as exc:
+        return str(exc)
+    return str(result) if isinstance(result, FashionrecError) else None

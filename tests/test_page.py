@@ -1,0 +1,150 @@
+"""The web page in a real browser: Debian's Chromium driven by Selenium, against
+``fashionrec serve`` started on 127.0.0.1. Skipped where Chromium or its driver is
+missing, unless FASHIONREC_REQUIRE_BROWSER=1 (CI sets it, after installing them)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if not (BROWSER and DRIVER):
+    if os.environ.get("FASHIONREC_REQUIRE_BROWSER") == "1":
+        pytest.fail("Chromium and chromedriver are required (apt-get install chromium "
+                    "chromium-driver)", pytrace=False)
+    pytest.skip("Chromium or chromedriver is not installed", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+K = 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(trained_run, tmp_path):
+    _, run_dir = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(url + "/api/ready", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.2)
+    yield url, run
+    proc.terminate()  # SIGTERM: a clean stop
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "fashionrec serve: stopped" in out
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER),
+                              options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def cards(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#grid .card")
+
+
+def loaded_pictures(driver):
+    """How many result pictures the browser actually decoded."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#grid .card img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length")
+
+
+def wait_for_results(driver, k, timeout=60):
+    WebDriverWait(driver, timeout).until(
+        lambda d: len(cards(d)) == k and loaded_pictures(d) == k)
+
+
+def test_the_page_searches_uploads_and_browses(server, browser, tmp_path):
+    url, run = server
+    from PIL import Image
+
+    from fashionrec import Recommender
+
+    rec = Recommender.load(run)
+    expected = [i.id for i in rec.recommend(item=3, k=K).items]
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 60).until(lambda d: len(cards(d)) > 0)  # a random item at first
+    k_box = browser.find_element(By.ID, "k")
+    k_box.clear()
+    k_box.send_keys(str(K))
+    item_box = browser.find_element(By.ID, "item-id")
+    item_box.clear()
+    item_box.send_keys("3")
+    browser.find_element(By.ID, "find").click()
+    WebDriverWait(browser, 60).until(lambda d: "item=3" in d.current_url)
+    wait_for_results(browser, K)
+    shown = [c.text for c in cards(browser)]
+    for item_id, text in zip(expected, shown, strict=True):
+        assert str(item_id) in text  # the library's answer, in its order
+    if os.environ.get("FASHIONREC_SCREENSHOT"):
+        browser.save_screenshot(os.environ["FASHIONREC_SCREENSHOT"])
+
+    # upload a photo (test image 30, not in the catalog)
+    image, _ = rec.query_image(30)
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp_path / "photo.png")
+    browser.find_element(By.ID, "photo").send_keys(str(tmp_path / "photo.png"))
+    photo_first = rec.recommend(str(tmp_path / "photo.png"), k=K).items[0].id
+    WebDriverWait(browser, 60).until(
+        lambda d: len(cards(d)) == K and str(photo_first) in cards(d)[0].text
+        and "predicted" in d.find_element(By.ID, "results").text.lower())
+    wait_for_results(browser, K)
+
+    # click a result: its own recommendations
+    target = cards(browser)[1]
+    clicked = target.text.split()[0] if target.text else ""
+    target.click()
+    WebDriverWait(browser, 60).until(lambda d: "item=" in d.current_url
+                                     and d.find_element(By.ID, "item-id").get_attribute("value"))
+    wait_for_results(browser, K)
+    now = browser.find_element(By.ID, "item-id").get_attribute("value")
+    assert now and now in browser.current_url
+    assert clicked == "" or clicked.endswith(now) or now in target.text
+
+    # a bad id: a clear message, not a broken page
+    item_box = browser.find_element(By.ID, "item-id")
+    item_box.clear()
+    item_box.send_keys("no-such-item")
+    browser.find_element(By.ID, "find").click()
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "error").is_displayed()
+        and "not in the catalog" in d.find_element(By.ID, "error").text)
