@@ -23,6 +23,7 @@ IDX        ?= 5033
 K          ?= 6
 HOST       ?= 127.0.0.1
 PORT       ?= 8000
+WORKERS    ?= 1
 N_HELDOUT  ?=
 PYTEST_ARGS ?=
 DEMO_DIR   ?= data/demo-catalog
@@ -66,7 +67,7 @@ evaluate: $(STAMP)
 # the service: JSON API under /api (docs at /docs), the page at /; Ctrl-C stops it.
 # Writes need FASHIONREC_API_KEY (or fashionrec serve --api-key-file FILE).
 serve: $(STAMP)
-	$(BIN)/fashionrec serve --run-dir $(RUN_DIR) --host $(HOST) --port $(PORT)
+	$(BIN)/fashionrec serve --run-dir $(RUN_DIR) --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 plot: $(STAMP)
 	$(BIN)/fashionrec plot --run-dir $(RUN_DIR)

@@ -93,12 +93,13 @@ def free_port():
 class Server:
     """``fashionrec serve`` in a child process on 127.0.0.1."""
 
-    def __init__(self, run_dir, timeout=600):
+    def __init__(self, run_dir, workers=1, timeout=600):
         self.port = free_port()
         env = {**os.environ, "FASHIONREC_API_KEY": KEY, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run_dir),
-             "--host", "127.0.0.1", "--port", str(self.port)], env=env,
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
+            env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while True:
@@ -190,15 +191,16 @@ def load(port, make_request, concurrency, max_requests, max_seconds):
             "errors": int(sum(s != 200 for s in statuses))}
 
 
-def item_queries(run_dir, n_items, args):
+def item_queries(run_dir, n_items, args, workers=1):
     from fashionrec.store import IndexStore
 
     ids = IndexStore(Path(run_dir) / "index.h5").live_ids()[0]
     ids = sorted(ids)
     rng = random.Random(0)
     picks = [ids[rng.randrange(len(ids))] for _ in range(100_000)]
-    server = Server(run_dir)
+    server = Server(run_dir, workers)
     try:
+        time.sleep(5 * (workers > 1))  # ready is one worker's; let the others warm too
         stats = json.loads(request(server.port, "GET", "/api/stats")[1])
         rows = []
         for c in (1, 8, 32):
@@ -206,6 +208,7 @@ def item_queries(run_dir, n_items, args):
                 return "GET", f"/api/items/{quote(str(picks[i]), safe='')}/similar?k=6", None, {}
             load(server.port, make, c, 200, 20)  # warm-up
             rows.append({"catalog": n_items, "search": stats["index"]["search"],
+                         "workers": workers,
                          **load(server.port, make, c, args.item_requests, args.seconds)})
             print(rows[-1], flush=True)
     finally:
@@ -322,10 +325,12 @@ def write(result):
     lines = ["# The service under load (127.0.0.1, bounded runs)", "",
              f"CPU: {result['cpu']}. Server and load generator share the machine.", "",
              "## Item queries (`GET /api/items/{id}/similar?k=6`)", "",
-             "| catalog | search | concurrency | requests | requests/s | p50 (ms) | p95 (ms) | "
-             "p99 (ms) | errors |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| catalog | search | workers | concurrency | requests | requests/s | p50 (ms) | "
+             "p95 (ms) | p99 (ms) | errors |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["items"]:
-        lines.append(f"| {r['catalog']:,} | {r['search']} | {r['concurrency']} | {r['requests']} "
+        lines.append(f"| {r['catalog']:,} | {r['search']} | {r['workers']} | {r['concurrency']} | "
+                     f"{r['requests']} "
                      f"| {r['per_s']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['errors']} |")
     p = result["photos"]
@@ -364,7 +369,8 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     small, big, photo = prepare_runs()
     result = {"cpu": cpu_description(),
-              "items": item_queries(small, 5000, args) + item_queries(big, 100_000, args),
+              "items": item_queries(small, 5000, args) + item_queries(big, 100_000, args)
+              + item_queries(big, 100_000, args, workers=2),
               "photos": photo_queries(photo, args), "mixed": mixed(small, args)}
     write(result)
 

@@ -131,13 +131,18 @@ def cpu_description():
     return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(have)})" if have else "")
 
 
-def sha256_file(path):
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file (``hashlib`` algorithm name), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path):
+    """SHA-256 of a file."""
+    return file_digest(path, "sha256")
 
 
 def short_reason(exc):

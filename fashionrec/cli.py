@@ -180,6 +180,9 @@ def build_parser():
     sv.add_argument("--cors-origin", action="append", default=[],
                     help="an origin allowed to call the API from a browser (repeatable; "
                          "default: none)")
+    sv.add_argument("--workers", type=_positive, default=1,
+                    help="processes serving the port, each with its own model "
+                         "(default: %(default)s)")
     sv.add_argument("--max-upload-mb", type=float, default=10.0,
                     help="largest upload in MB (default: %(default)s)")
     sv.add_argument("--max-batch", type=_positive, default=16,
@@ -446,7 +449,7 @@ def cmd_serve(args):
                              cors_origins=tuple(args.cors_origin),
                              max_upload_bytes=int(args.max_upload_mb * 2**20),
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    run(settings, host=args.host, port=args.port,
+    run(settings, host=args.host, port=args.port, workers=args.workers,
         log=lambda message: print(message, flush=True))
     print("fashionrec serve: stopped", flush=True)
     return 0

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, sha256_file, short_reason
+from .artifacts import atomic_path, file_digest, sha256_file, short_reason
 from .config import shared_dirs
 from .errors import FashionrecError
 
@@ -94,14 +94,14 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
     base = Path(cache_dir) if cache_dir is not None else Path(
         os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
     target = base / "models" / fname
-    if target.is_file() and _md5(target) == md5:
+    if target.is_file() and file_digest(target, "md5") == md5:
         return target
     try:
         with urllib.request.urlopen(WEIGHTS_BASE_URL + fname, timeout=timeout) as response, \
                 atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 shutil.copyfileobj(response, fh, 1 << 20)
-            if _md5(tmp) != md5:
+            if file_digest(tmp, "md5") != md5:
                 raise ValueError("the file's MD5 is not the published one")
     except Exception as exc:  # urllib, hash and OS errors all mean "not available"
         raise FashionrecError(
@@ -109,14 +109,6 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
             f"downloaded ({short_reason(exc)})"
         ) from None
     return target
-
-
-def _md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_standin():

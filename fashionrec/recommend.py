@@ -117,6 +117,8 @@ class Recommender:
         >>> [item.id for item in rec.recommend(5033, k=6).items]             # doctest: +SKIP
     """
 
+    lock_wait = 0.0  # seconds add/remove wait while another process updates the index
+
     def __init__(self, config=None, **overrides):
         if config is not None and not overrides:
             self.config = config  # validated when it was made
@@ -720,7 +722,7 @@ class Recommender:
     def _store(self):
         if getattr(self, "run_dir_", None) is None:
             raise FashionrecError("save() the run first: updates go to its saved index")
-        return IndexStore(Path(self.run_dir_) / INDEX_FILE)
+        return IndexStore(Path(self.run_dir_) / INDEX_FILE, lock_wait=self.lock_wait)
 
 
 def _check_k(k):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -59,8 +60,9 @@ class IndexStore:
         >>> len(store.load())                                     # doctest: +SKIP
     """
 
-    def __init__(self, path):
+    def __init__(self, path, lock_wait=0.0):
         self.path = Path(path)
+        self.lock_wait = lock_wait  # seconds an update waits for another one to finish
         self.manifest_path = self.path.with_suffix(".manifest.json")
         self.segment_dir = self.path.with_suffix(".d")
         self.lock_path = self.path.with_suffix(".lock")
@@ -143,12 +145,15 @@ class IndexStore:
             except _Swapped:
                 again = self.manifest()
                 if again == m:  # nothing moved: the files disagree for good
-                    raise FashionrecError(
-                        f"{self.manifest_path} names a base index other than "
-                        f"{self._file(m.get('base', self.path.name))}; deleting it (and "
-                        f"{self.segment_dir}) returns the index to its trained state") from None
+                    raise self._mismatch(m) from None
                 m = again
         raise FashionrecError(f"{self.path} keeps changing under this reader; try again")
+
+    def _mismatch(self, m):
+        return FashionrecError(
+            f"{self.manifest_path} names a base index other than "
+            f"{self._file(m.get('base', self.path.name))}; deleting it (and "
+            f"{self.segment_dir}) returns the index to its trained state")
 
     def load(self, search=None, log=None, progress=False):
         """The live index: the base, plus added segments, minus removed items.
@@ -197,8 +202,11 @@ class IndexStore:
             ids, meta, class_names, dim, base_id = CatalogIndex.read_header(path)
             return ids, meta, base_id, (ids, meta, class_names, dim)
 
-        if m is not None:
-            _, parts, live = self._replay(m, read)
+        if m is not None:  # under the lock: nothing can move, a mismatch is for good
+            try:
+                _, parts, live = self._replay(m, read)
+            except _Swapped:
+                raise self._mismatch(m) from None
         else:
             _, parts, live = self._consistent(lambda m: self._replay(m, read))
         return set(live), parts[0]
@@ -306,11 +314,16 @@ class IndexStore:
             return
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FashionrecError(f"{self.path} is being updated by another process "
-                                      f"(lock {self.lock_path})") from None
+            deadline = time.monotonic() + self.lock_wait
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise FashionrecError(f"{self.path} is being updated by another "
+                                              f"process (lock {self.lock_path})") from None
+                    time.sleep(0.05)
             try:
                 yield
             finally:

@@ -199,7 +199,15 @@ def test_add_and_remove_through_the_api(served):
     r = client.post("/api/items", headers=auth(),
                     files=[("images", ("new.png", png_bytes(image)))], data={"ids": ["7"]})
     assert r.status_code == 422 and "test image 7" in r.json()["error"]
+    r = client.post("/api/items", headers=auth(),
+                    files=[("images", ("bad.png", b"not an image"))], data={"ids": ["10002"]})
+    assert r.status_code == 422 and "nothing was added: 10002" in r.json()["error"]
+    r = client.post("/api/items", headers=auth(),
+                    files=[("images", ("new.png", png_bytes(image)))],
+                    data={"ids": ["10003"], "labels": ["NoSuchClass"]})
+    assert r.status_code == 422 and "unknown class" in r.json()["error"]
     assert Recommender.load(run).index_.metadata["n_updates"] == 2  # on disk too
+    assert sorted(p.name.split("-", 1)[1] for p in (run / "uploads").iterdir()) == []
 
 
 def test_changes_by_another_process_are_picked_up(served):
@@ -307,3 +315,45 @@ def test_a_retrain_in_place_is_swapped_in_once_complete(served, tiny_config):
         time.sleep(0.1)
     assert stats["run"]["run_id"] == new.run_id_ and stats["items"] == 20
     assert client.get("/api/items/3/similar?k=3").status_code == 200
+
+
+def test_a_product_catalog_is_served_with_path_like_ids(tmp_path):
+    """String ids with slashes (folder catalogs) work in every item route, and a new
+    photo is answered within a category."""
+    from urllib.parse import quote
+
+    from catalogs import CLASSES, draw_product, make_folder_catalog
+
+    from fashionrec.catalog import Catalog
+
+    root = tmp_path / "shop"
+    make_folder_catalog(root)
+    rec = Recommender(image_size=32, weights="none", epochs=2, batch_size=8,
+                      extract_batch_size=16).fit_catalog(
+        Catalog.from_folder(root, label_depth=2), progress=False, log=None)
+    rec.save(tmp_path / "run")
+    boot = "Shoes/Boots/brand1/001.png"
+    with TestClient(create_app(ServeSettings(str(tmp_path / "run")))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/api/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        got = client.get(f"/api/items/{quote(boot, safe='')}/similar",
+                         params={"k": 3, "category": "Shoes"}).json()
+        expected = rec.recommend(item=boot, k=3, category="Shoes")
+        assert [i["id"] for i in got["items"]] == [i.id for i in expected.items]
+        assert got["items"][0]["image_url"].startswith("/api/items/Shoes%2F")
+        picture = client.get(got["items"][0]["image_url"])
+        assert picture.status_code == 200
+        assert Image.open(io.BytesIO(picture.content)).size == (160, 160)
+        assert client.get(f"/api/items/{quote(boot, safe='')}").json()["category"] == \
+            "Shoes/Boots/brand1"
+        assert client.get("/api/items", params={"category": "Bags"}).json()["total"] == 8
+        shape, colour = CLASSES["Shoes/Sandals"]
+        photo = draw_product(shape, colour, np.random.default_rng(3), (70, 50))
+        buf = io.BytesIO()
+        photo.save(buf, "PNG")
+        r = client.post("/api/similar", files={"image": ("s.png", buf.getvalue())},
+                        data={"k": "3", "category": "Shoes"}).json()
+        assert len(r["items"]) == 3 and all(i["category"].startswith("Shoes/")
+                                            for i in r["items"])

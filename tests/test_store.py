@@ -151,6 +151,8 @@ def test_a_manifest_naming_another_base_is_refused(store):
     base_index(300, seed=3).save(s.path)  # a foreign base put in place by hand
     with pytest.raises(FashionrecError, match="names a base index other than"):
         s.load(SPEC)
+    with pytest.raises(FashionrecError, match="names a base index other than"):
+        s.remove(["sku-2"])  # an update says so too, and changes nothing
 
 
 # ------------------------------------------------------------- killed compaction

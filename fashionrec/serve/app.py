@@ -120,6 +120,49 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class RequestContext:
+    """ASGI middleware: a request id on every answer (``X-Request-ID``), metrics per
+    route, and any failure nobody handled logged with that id and answered 500 with
+    the id only (a plain ASGI middleware: cheaper than Starlette's ``BaseHTTPMiddleware``
+    on every request)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:12]
+        started, status = False, 500
+        t = time.perf_counter()
+
+        async def send_with_id(message):
+            nonlocal started, status
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - logged in full, answered with an id only
+            if isinstance(exc, ApiError):  # raised while the body streamed in (413)
+                response = _json(exc.status, exc.message)
+            else:
+                logger.error("request %s %s %s failed", rid, scope.get("method"),
+                             scope.get("path"), exc_info=exc)
+                response = _json(500, f"internal error (request id {rid})", request_id=rid)
+            if started:
+                raise
+            await response(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "-")
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - t)
+            self.metrics.requests.labels(route, method, str(status)).inc()
+
+
 def _json(status, message, **extra):
     return JSONResponse({"error": message, **extra}, status_code=status)
 
@@ -167,26 +210,6 @@ def create_app(settings, watcher=None, log=None):
     app.state.watcher, app.state.batcher, app.state.settings = watcher, batcher, settings
 
     # ------------------------------------------------------------ plumbing
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request.state.request_id = uuid.uuid4().hex[:12]
-        t = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except ApiError as exc:  # raised while the body streamed in (413)
-            response = _json(exc.status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - logged in full, answered with an id only
-            rid = request.state.request_id
-            logger.error("request %s %s %s failed", rid, request.method, request.url.path,
-                         exc_info=exc)
-            response = _json(500, f"internal error (request id {rid})", request_id=rid)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.latency.labels(name, request.method).observe(time.perf_counter() - t)
-        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
-        response.headers["X-Request-ID"] = request.state.request_id
-        return response
-
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -245,10 +268,12 @@ def create_app(settings, watcher=None, log=None):
         return f"/api/items/{quote(str(item_id), safe='')}/image"
 
     def result_json(result):
+        """The answer as ``recommend --json`` gives it, plus each item's picture URL
+        (a JSONResponse straight away: no second walk through FastAPI's encoder)."""
         out = result.to_dict()
         for item in out["items"]:
             item["image_url"] = image_url(item["id"])
-        return out
+        return JSONResponse(out)
 
     def find_row(r, index, item_id):
         row = index.row_of(item_id)
@@ -350,13 +375,18 @@ def create_app(settings, watcher=None, log=None):
     def delete_item(item_id: str, request: Request):
         check_write(request)
         r = rec()
-        find_row(r, r.index_, item_id)
+        index = r.index_
+        row = find_row(r, index, item_id)
         with watcher.write_lock:
             try:
                 r.remove([item_id], log=None)
             except FashionrecError as exc:
                 raise ApiError(409 if "being updated" in str(exc) else 404, str(exc)) from None
             watcher.after_write()
+        uploads = (Path(watcher.run_dir) / "uploads").resolve()
+        picture = Path(index.paths[row]) if index.paths is not None and index.paths[row] else None
+        if picture is not None and picture.resolve().parent == uploads:
+            picture.unlink(missing_ok=True)  # a picture this service stored for the product
         return {"removed": _jsonable_id(r.index_.parse_id(item_id)), "items": len(r.index_)}
 
     @app.post("/api/items", summary="Add products: photos, ids, optional labels "
@@ -395,11 +425,17 @@ def create_app(settings, watcher=None, log=None):
         try:
             report = await asyncio.get_running_loop().run_in_executor(None, add)
         except FashionrecError as exc:
+            for p in paths:
+                p.unlink(missing_ok=True)  # nothing was added: keep no upload
             raise ApiError(409 if "being updated" in str(exc) else 422, str(exc)) from None
         added = {str(a["id"]) for a in report["added"]}
         for p, item_id in zip(paths, catalog.ids, strict=True):
             if str(item_id) not in added:
                 p.unlink(missing_ok=True)  # skipped: keep no orphan upload
+        if not report["n_added"] and report["skipped"]:
+            first = report["skipped"][0]
+            raise ApiError(422, f"nothing was added: {first['id'] or 'an image'} was skipped "
+                                f"({first['kind']}: {first['reason']})")
         return {**report, "items": len(r.index_)}
 
     # ------------------------------------------------------------ photo queries
@@ -432,4 +468,5 @@ def create_app(settings, watcher=None, log=None):
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every answer
     return app

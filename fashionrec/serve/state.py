@@ -11,7 +11,7 @@ looks at ``run.json`` and the index manifest (two ``stat`` calls):
   (``Recommender.load`` refuses a half-saved run), warmed, then swapped in whole;
   until then the old one answers.
 
-Writes made through the service (add, remove) are serialised by one lock.
+Writes made through the service (add, remove) and reloads are serialised by one lock.
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ class RunWatcher:
         self.run_dir = Path(run_dir)
         self.check_interval = check_interval
         self.log = log or (lambda *_: None)
-        self.write_lock = threading.Lock()
-        self._reload_lock = threading.Lock()
+        self.write_lock = threading.Lock()  # held by writes and by reloads
         self._stamps = self._read_stamps()
-        self.rec = Recommender.load(self.run_dir, log=self.log)
+        self.rec = self._load()
         self._last_check = time.monotonic()
         self.ready = False
         self.photo_error = None  # why photo queries cannot be answered, if they cannot
+
+    def _load(self):
+        rec = Recommender.load(self.run_dir, log=self.log)
+        rec.lock_wait = 30.0  # a write waits for one by another worker or the CLI
+        return rec
 
     def _read_stamps(self):
         store = IndexStore(self.run_dir / INDEX_FILE)
@@ -76,11 +80,13 @@ class RunWatcher:
         if now - self._last_check >= self.check_interval:
             self._last_check = now
             stamps = self._read_stamps()
-            if stamps != self._stamps and self._reload_lock.acquire(blocking=False):
+            # reloads and writes exclude each other: a reload can never put back an
+            # index older than a write this service just made
+            if stamps != self._stamps and self.write_lock.acquire(blocking=False):
                 try:
-                    self._reload(stamps)
+                    self._reload(self._read_stamps())
                 finally:
-                    self._reload_lock.release()
+                    self.write_lock.release()
         return self.rec
 
     def _reload(self, stamps):
@@ -88,7 +94,7 @@ class RunWatcher:
         try:
             run_id = Recommender.read_run_id(self.run_dir)
             if run_id != rec.run_id_:  # retrained: swap in the whole new run once complete
-                new = Recommender.load(self.run_dir, log=self.log)
+                new = self._load()
                 photo_error = warm_up(new)
                 self.rec, self.photo_error = new, photo_error
                 self.log(f"serve: switched to run {new.run_id_} ({len(new.index_)} items)")

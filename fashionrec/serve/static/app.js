@@ -1,200 +1,309 @@
 // fashionrec's page: look up an item or drop a photo, see similar products, browse on.
-// Plain JavaScript, no dependencies; every text is set with textContent.
+// Plain JavaScript, no dependencies; every piece of data is set with textContent.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const buttons = () => [$("find"), $("random")];
-let total = 0;
+const state = { seq: 0, wanted: null, total: null, preview: null };
 
-function imageUrl(id) { return "/api/items/" + encodeURIComponent(id) + "/image"; }
+class UserError extends Error {}
+
+const imageUrl = (id) => "/api/items/" + encodeURIComponent(String(id)) + "/image";
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
 
 function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = false;
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
 }
 
-function clearError() { $("error").hidden = true; $("error").textContent = ""; }
+function clearError() {
+  const box = $("error");
+  box.hidden = true;
+  box.textContent = "";
+}
 
+// k / same class / category, checked before anything is sent.
 function options() {
-  const k = Number($("k").value);
-  if (!Number.isInteger(k) || k < 1 || k > 100) {
-    throw new Error("k must be a whole number from 1 to 100.");
+  const raw = $("k").value.trim();
+  const k = Number(raw);
+  if (raw === "" || !Number.isInteger(k) || k < 1 || k > 100) {
+    throw new UserError("k must be a whole number from 1 to 100.");
   }
-  const category = $("category").value.trim();
-  return { k, sameClass: $("same-class").checked, category };
+  return { k, sameClass: $("same-class").checked, category: $("category").value.trim() };
 }
 
-// One request at a time: buttons off, status line, errors as one sentence.
-async function call(url, init) {
-  buttons().forEach((b) => { b.disabled = true; });
+// fetch + JSON; every failure becomes one sentence for the error box.
+async function api(url, init) {
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch (e) {
+    throw new UserError("The service is not reachable.");
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) {
+    const said = body && typeof body.error === "string" && body.error.trim();
+    throw new UserError(said || "The service answered with status " + response.status + ".");
+  }
+  if (body === null || typeof body !== "object") {
+    throw new UserError("The service sent an answer that could not be read.");
+  }
+  return body;
+}
+
+function setBusy(busy) {
+  for (const id of ["find", "random", "photo"]) $(id).disabled = busy;
+  $("drop-zone").classList.toggle("busy", busy);
+  $("results").setAttribute("aria-busy", String(busy));
+}
+
+// One user action: controls off, "Loading…", timing, errors; the newest action wins.
+async function run(task, onSuccess) {
+  const seq = ++state.seq;
+  setBusy(true);
   $("status").textContent = "Loading…";
   const t0 = performance.now();
   try {
-    let response;
-    try {
-      response = await fetch(url, init);
-    } catch (e) {
-      throw new Error("The service is not reachable.");
-    }
-    let body = null;
-    try { body = await response.json(); } catch (e) { body = null; }
-    if (!response.ok) {
-      throw new Error((body && body.error) || ("The service answered " + response.status + "."));
-    }
-    return { body, ms: performance.now() - t0 };
+    const result = await task();
+    if (seq !== state.seq) return;
+    const ms = Math.round(performance.now() - t0);
+    clearError();
+    if (onSuccess) onSuccess(result);
+    render(result);
+    const n = Array.isArray(result.items) ? result.items.length : 0;
+    $("status").textContent = n + (n === 1 ? " item" : " items") + " in " + ms + " ms";
+  } catch (e) {
+    if (seq !== state.seq) return;
+    showError(e instanceof UserError ? e.message : "Something went wrong in the page.");
+    $("status").textContent = "";
+    if (!(e instanceof UserError)) console.error(e);
   } finally {
-    buttons().forEach((b) => { b.disabled = false; });
+    if (seq === state.seq) setBusy(false);
   }
 }
 
-function picture(src, alt) {
-  const img = document.createElement("img");
-  img.src = src;
+// ------------------------------------------------------------------ rendering
+function picture(src, alt, className) {
+  const img = el("img", className);
   img.alt = alt;
+  img.decoding = "async";
   img.addEventListener("load", () => {
-    if (img.naturalWidth && img.naturalWidth <= 64) img.classList.add("small");
+    // tiny pictures (28x28 Fashion-MNIST) stay crisp; photos are smoothed
+    if (img.naturalWidth > 0 && img.naturalWidth <= 64) img.classList.add("pixelated");
   });
+  img.src = src;
   return img;
 }
 
-function line(cls, text) {
-  const div = document.createElement("div");
-  div.className = cls;
-  div.textContent = text;
-  return div;
+function renderQuery(query) {
+  const box = $("query");
+  box.replaceChildren();
+  const isUpload = query.kind === "upload";
+  const figure = el("figure", "query-figure");
+  figure.append(isUpload
+    ? picture(state.preview || "", "Your uploaded photo", "query-img")
+    : picture(query.image_url || imageUrl(query.id), "Query item " + query.id, "query-img"));
+  const info = el("div", "query-info");
+  info.append(el("h2", null, "Query"));
+  if (isUpload) {
+    info.append(el("p", "query-id", "Your photo"));
+  } else {
+    info.append(el("p", "query-id", "Item " + query.id));
+    if (query.true_class) info.append(el("p", null, "Class: " + query.true_class));
+  }
+  if (query.predicted_class && (isUpload || query.predicted_class !== query.true_class)) {
+    let text = "Predicted class: " + query.predicted_class;
+    if (typeof query.probability === "number") {
+      text += " (" + (query.probability * 100).toFixed(1) + "%)";
+    }
+    info.append(el("p", null, text));
+  }
+  const parts = [];
+  if (query.filter) parts.push("Filter: " + query.filter);
+  if (typeof query.n_candidates === "number") {
+    parts.push(query.n_candidates + (query.n_candidates === 1 ? " candidate" : " candidates"));
+  }
+  if (parts.length) info.append(el("p", "query-filter", parts.join(" · ")));
+  figure.append(info);
+  box.append(figure);
 }
 
-function render(result, queryPicture, ms) {
-  const q = result.query;
-  const query = $("query");
-  query.replaceChildren();
-  query.appendChild(queryPicture);
-  const text = document.createElement("div");
-  if (q.kind === "item") {
-    text.appendChild(line("what", "Item " + q.id + " — " + q.true_class));
-    if (q.category && q.category !== q.true_class) {
-      text.appendChild(line("detail", "category " + q.category));
-    }
-  } else {
-    text.appendChild(line("what", "Your photo — predicted " + q.predicted_class +
-      " (p = " + Number(q.probability).toFixed(2) + ")"));
-  }
-  if (q.filter) {
-    text.appendChild(line("detail", "only " + q.filter + " (" + q.n_candidates + " candidates)"));
-  }
-  query.appendChild(text);
+function card(item) {
+  const button = el("button", "card");
+  button.type = "button";
+  button.title = "Show items similar to " + item.id;
+  button.dataset.id = String(item.id);
+  button.append(picture(item.image_url || imageUrl(item.id),
+                        "Item " + item.id + " (" + item.class_name + ")", "card-img"));
+  button.append(el("span", "card-rank", "#" + item.rank));
+  button.append(el("span", "card-id", item.id));
+  button.append(el("span", "card-class", item.class_name));
+  if (item.category) button.append(el("span", "card-category", item.category));
+  const distance = Number(item.distance);
+  button.append(el("span", "card-distance",
+                   "distance " + (Number.isFinite(distance) ? distance.toFixed(4) : "n/a")));
+  button.addEventListener("click", () => {
+    $("item-id").value = String(item.id);
+    showSimilar(item.id, true);
+    const results = $("results");
+    if (results.getBoundingClientRect().top < 0) results.scrollIntoView({ block: "start" });
+  });
+  return button;
+}
 
+function render(result) {
+  renderQuery(result.query || {});
   const grid = $("grid");
   grid.replaceChildren();
-  for (const item of result.items) {
-    const card = document.createElement("button");
-    card.type = "button";
-    card.className = "card";
-    card.title = "Show items similar to " + item.id;
-    card.appendChild(picture(item.image_url || imageUrl(item.id), "product " + item.id));
-    card.appendChild(line("id", String(item.id)));
-    card.appendChild(line("cls", item.class_name));
-    card.appendChild(line("dist", "distance " + Number(item.distance).toFixed(4)));
-    card.addEventListener("click", () => showItem(String(item.id)));
-    grid.appendChild(card);
-  }
+  const items = Array.isArray(result.items) ? result.items : [];
+  if (items.length === 0) grid.append(el("p", "empty", "No item matches these filters."));
+  for (const item of items) grid.append(card(item));
   $("results").hidden = false;
-  $("status").textContent = result.items.length + " items in " + Math.round(ms) + " ms";
 }
 
-async function showItem(id) {
-  clearError();
-  try {
+// ------------------------------------------------------------------ URL hash
+function hashId() {
+  const match = /^#item=(.+)$/.exec(location.hash);
+  if (!match) return null;
+  try { return decodeURIComponent(match[1]); } catch (e) { return null; }
+}
+
+function setHash(id, replace) {
+  const hash = "#item=" + encodeURIComponent(String(id));
+  if (location.hash === hash) return;
+  if (replace) history.replaceState(null, "", hash);
+  else history.pushState(null, "", hash);
+}
+
+function onHash() {
+  const id = hashId();
+  if (id === null || id === state.wanted) return;
+  $("item-id").value = id;
+  showSimilar(id, false);
+}
+
+// ------------------------------------------------------------------ actions
+function similarUrl(id, o) {
+  const params = new URLSearchParams({ k: String(o.k), same_class: String(o.sameClass) });
+  if (o.category) params.set("category", o.category);
+  return "/api/items/" + encodeURIComponent(String(id)) + "/similar?" + params.toString();
+}
+
+function showSimilar(id, push) {
+  state.wanted = String(id);
+  run(() => api(similarUrl(id, options())), () => setHash(id, !push));
+}
+
+function randomItem(replace) {
+  let picked = null;
+  state.wanted = null;
+  run(async () => {
     const o = options();
-    $("item-id").value = id;
-    const params = new URLSearchParams({ k: String(o.k), same_class: String(o.sameClass) });
-    if (o.category) params.set("category", o.category);
-    const { body, ms } = await call("/api/items/" + encodeURIComponent(id) + "/similar?" + params);
-    if (location.hash !== "#item=" + encodeURIComponent(id)) {
-      history.pushState(null, "", "#item=" + encodeURIComponent(id));
-    }
-    render(body, picture(imageUrl(id), "query item " + id), ms);
-  } catch (e) {
-    $("status").textContent = "";
-    showError(e.message);
-  }
+    let total = state.total;
+    if (typeof total !== "number") total = (await api("/api/items?offset=0&limit=1")).total;
+    if (!total) throw new UserError("The catalog is empty.");
+    const offset = Math.floor(Math.random() * total);
+    const page = await api("/api/items?offset=" + offset + "&limit=1");
+    if (!page.items || page.items.length === 0) throw new UserError("No item was found at that position.");
+    picked = page.items[0].id;
+    state.wanted = String(picked);
+    return api(similarUrl(picked, o));
+  }, () => {
+    $("item-id").value = String(picked);
+    setHash(picked, replace);
+  });
 }
 
-async function showPhoto(file) {
-  clearError();
+function upload(file) {
   if (!file) return;
-  try {
+  if (file.type && !file.type.startsWith("image/")) {
+    showError("Please choose an image file (PNG, JPEG, WebP…).");
+    return;
+  }
+  state.wanted = null;
+  run(() => {
     const o = options();
     const form = new FormData();
-    form.append("image", file);
+    form.append("image", file, file.name || "photo");
     form.append("k", String(o.k));
     form.append("same_class", String(o.sameClass));
     if (o.category) form.append("category", o.category);
-    const { body, ms } = await call("/api/similar", { method: "POST", body: form });
-    const preview = picture(URL.createObjectURL(file), "your photo");
-    render(body, preview, ms);
-  } catch (e) {
-    $("status").textContent = "";
-    showError(e.message);
-  }
+    return api("/api/similar", { method: "POST", body: form });
+  }, () => {
+    if (state.preview) URL.revokeObjectURL(state.preview);
+    state.preview = URL.createObjectURL(file);
+    if (location.hash) history.pushState(null, "", location.pathname + location.search);
+  });
 }
 
-async function randomItem() {
-  clearError();
+async function loadStats() {
   try {
-    if (!total) total = (await call("/api/items?limit=1")).body.total;
-    const offset = Math.floor(Math.random() * total);
-    const { body } = await call("/api/items?limit=1&offset=" + offset);
-    if (body.items.length) await showItem(String(body.items[0].id));
+    const stats = await api("/api/stats");
+    state.total = typeof stats.items === "number" ? stats.items : null;
+    const run_ = stats.run || {};
+    const parts = [(state.total ?? "?") + " items"];
+    if (run_.dataset) parts.push("dataset " + run_.dataset + (run_.kind ? " (" + run_.kind + ")" : ""));
+    if (stats.index && stats.index.search) parts.push(stats.index.search + " search");
+    $("summary").textContent = parts.join(" · ");
+    if (run_.backbone) $("summary").title = "Backbone: " + run_.backbone;
   } catch (e) {
-    $("status").textContent = "";
-    showError(e.message);
+    $("summary").textContent = "Visually similar products.";
   }
 }
 
-function fromHash() {
-  const m = location.hash.match(/^#item=(.+)$/);
-  return m ? decodeURIComponent(m[1]) : null;
+// ------------------------------------------------------------------ wiring
+function init() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = $("item-id").value.trim();
+    if (!id) {
+      showError("Enter an item id, or pick a random item.");
+      $("item-id").focus();
+      return;
+    }
+    showSimilar(id, true);
+  });
+  $("random").addEventListener("click", () => randomItem(false));
+  $("photo").addEventListener("change", () => {
+    const file = $("photo").files && $("photo").files[0];
+    upload(file);
+    $("photo").value = "";
+  });
+
+  const zone = $("drop-zone");
+  const over = (on) => (event) => { event.preventDefault(); zone.classList.toggle("over", on); };
+  zone.addEventListener("dragenter", over(true));
+  zone.addEventListener("dragover", over(true));
+  zone.addEventListener("dragleave", over(false));
+  zone.addEventListener("drop", (event) => {
+    over(false)(event);
+    const files = event.dataTransfer && event.dataTransfer.files;
+    if (files && files.length) upload(files[0]);
+  });
+  // a photo dropped beside the zone must not replace the page
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+
+  window.addEventListener("popstate", onHash);
+  window.addEventListener("hashchange", onHash);
+
+  loadStats().then(() => {
+    const id = hashId();
+    if (id !== null) {
+      $("item-id").value = id;
+      showSimilar(id, false);
+    } else {
+      randomItem(true);
+    }
+  });
 }
 
-async function start() {
-  try {
-    const { body } = await call("/api/stats");
-    total = body.items;
-    $("summary").textContent = body.items.toLocaleString() + " items · " + body.run.dataset +
-      " · " + body.classes.length + " classes · " + body.index.search + " search";
-  } catch (e) {
-    showError(e.message);
-  }
-  const id = fromHash();
-  if (id !== null) await showItem(id); else await randomItem();
-}
-
-$("search-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const id = $("item-id").value.trim();
-  if (id) showItem(id); else showError("Type an item id, or pick a random item.");
-});
-$("random").addEventListener("click", randomItem);
-$("photo").addEventListener("change", (event) => {
-  showPhoto(event.target.files[0]);
-  event.target.value = "";
-});
-const zone = $("drop-zone");
-["dragenter", "dragover"].forEach((name) => zone.addEventListener(name, (event) => {
-  event.preventDefault();
-  zone.classList.add("over");
-}));
-["dragleave", "drop"].forEach((name) => zone.addEventListener(name, () => {
-  zone.classList.remove("over");
-}));
-zone.addEventListener("drop", (event) => {
-  event.preventDefault();
-  const file = event.dataTransfer.files[0];
-  if (file) showPhoto(file);
-});
-window.addEventListener("popstate", () => {
-  const id = fromHash();
-  if (id !== null) showItem(id);
-});
-start();
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+else init();
