@@ -1,7 +1,7 @@
 """The README's screenshot of the page: ``fashionrec serve`` on 127.0.0.1, Debian's
 Chromium (headless, driven by Selenium) showing an item's recommendations.
 
-    python experiments/screenshot_page.py --run-dir experiments/out/serve/items-5k --item 5033
+    python experiments/screenshot_page.py --run-dir experiments/out/serve/items-5k --item 709 --k 7
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main():
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--no-first-run",
-                     "--window-size=1280,860", f"--user-data-dir={profile}"):
+                     "--window-size=1280,900", f"--user-data-dir={profile}"):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=webdriver.ChromeService(
             executable_path=shutil.which("chromedriver")), options=options)

@@ -23,6 +23,15 @@ MID_LAYER = "dense_mid"
 _PREDICT_LOCK = threading.RLock()  # Keras predict() is not safe from several threads at once
 
 
+def _run(model, x, batch_size):
+    """``model`` on ``x``: one call for a small input (a query: no per-call data
+    pipeline, tens of ms less), Keras's batched ``predict`` for a large one."""
+    with _PREDICT_LOCK:
+        if len(x) <= batch_size:
+            return np.asarray(model.predict_on_batch(x))
+        return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+
 def build_head_model(input_dim, n_classes, hidden=(1024, 512), dropout=0.7):
     """The Keras head: ``input_dim`` features -> ``n_classes`` probabilities."""
     import keras
@@ -117,9 +126,7 @@ class ClassifierHead:
 
     def predict_proba(self, X, batch_size=1024):
         self._check_fitted()
-        with _PREDICT_LOCK:
-            return np.asarray(self.model_.predict(self._scaled(X), batch_size=batch_size,
-                                                  verbose=0))
+        return _run(self.model_, self._scaled(X), batch_size)
 
     def predict(self, X):
         return self.predict_proba(X).argmax(axis=1)
@@ -127,9 +134,7 @@ class ClassifierHead:
     def embed(self, X, batch_size=1024):
         """The 512-d ``dense_mid`` activations (dropout off) of features ``X``."""
         self._check_fitted()
-        with _PREDICT_LOCK:
-            return np.asarray(self.embedder_.predict(self._scaled(X), batch_size=batch_size,
-                                                     verbose=0), dtype=np.float32)
+        return np.asarray(_run(self.embedder_, self._scaled(X), batch_size), dtype=np.float32)
 
     def save(self, folder, run_id=None):
         """Write ``head.keras`` (the network) and ``head.json`` (scaler, settings, history,

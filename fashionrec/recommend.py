@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,7 @@ class Recommendation:
 
     def to_dict(self):
         return {"query": self.query,
-                "items": [{k: v for k, v in asdict(i).items() if v is not None}
+                "items": [{k: v for k, v in vars(i).items() if v is not None}
                           for i in self.items]}
 
     def format_text(self):
@@ -459,7 +459,8 @@ class Recommender:
                 return None
         return None
 
-    def recommend(self, query=None, k=6, *, item=None, same_class=False, category=None):
+    def recommend(self, query=None, k=6, *, item=None, same_class=False, category=None,
+                  with_image=True):
         """The ``k`` catalog items nearest to a query.
 
         Args:
@@ -475,6 +476,8 @@ class Recommender:
             category: only items whose category path contains this (whole levels,
                 any case: ``"Boots"`` matches ``"Shoes/Boots/Brand"``); items without
                 a category are matched by their class name.
+            with_image: keep an item query's picture in the result (for plots; a
+                service that links to pictures skips reading it).
 
         A query that is itself in the catalog never gets itself back. With a filter,
         fewer than ``k`` items come back when fewer match. The whole query sees one
@@ -501,7 +504,8 @@ class Recommender:
         if index.paths is not None and index.paths[row]:
             info["path"] = index.paths[row]
         return self._search(index, info, index.vectors[row:row + 1], label, row,
-                            self.item_image(item, index), k, same_class, category)
+                            self.item_image(item, index) if with_image else None, k,
+                            same_class, category)
 
     def recommend_batch(self, requests):
         """Recommendations for several image queries with one backbone call.

@@ -344,7 +344,8 @@ def create_app(settings, watcher=None, log=None):
         index = r.index_
         find_row(r, index, item_id)
         try:
-            result = r.recommend(item=item_id, k=k, same_class=same_class, category=category)
+            result = r.recommend(item=item_id, k=k, same_class=same_class, category=category,
+                                 with_image=False)
         except FashionrecError as exc:
             raise ApiError(422, str(exc)) from None
         return result_json(result)
