@@ -6,7 +6,9 @@ Two layouts are read:
 * an image folder, ``root/<category>/<subcategory>/.../<file>`` (like UT Zappos50K's
   ``Shoes/Boots/Brand/*.jpg``): an item's id is its path below ``root``; its class
   is its first folder level, or the first ``label_depth`` levels joined by ``/``;
-  its category is its whole folder path;
+  its category is its whole folder path. A folder whose top level is ``train/``,
+  ``validation/`` (or ``val/``) and ``test/`` is read as split folders: class and
+  category start one level below the split, and each item keeps its split;
 * a CSV manifest (like Kaggle's Fashion Product Images ``styles.csv`` beside
   ``images/<id>.jpg``): an id column, a label column of your choice, and either an
   image-path column or an id -> path pattern such as ``images/{id}.jpg``; paths are
@@ -31,10 +33,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import FITS
 from .errors import FashionrecError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 BACKGROUND = (255, 255, 255)  # product photos sit on white: transparency and padding
+# split folders (Keras image_dataset_from_directory users' layout) -> the split's name
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation",
+                 "test": "test"}
 
 
 @dataclass
@@ -50,6 +56,8 @@ class Catalog:
         labels: class names; ``None`` where unknown (a new product: the head predicts it).
         categories: ``/``-joined category paths used by category filters.
         source: how the catalog was read (layout and options), saved with a run.
+        splits: each item's split (``train``, ``validation``, ``test``) when the
+            catalog came in split folders, else ``None``.
         skipped: ``{"id", "path", "reason"}`` of every listed item left out so far.
         sha256: the image files' SHA-256, once :meth:`check` has read them.
 
@@ -66,10 +74,12 @@ class Catalog:
     source: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
     sha256: list | None = None
+    splits: list | None = None
 
     def __post_init__(self):
         n = len(self.ids)
-        if not len(self.paths) == len(self.labels) == len(self.categories) == n:
+        if not len(self.paths) == len(self.labels) == len(self.categories) == n or (
+                self.splits is not None and len(self.splits) != n):
             raise FashionrecError("catalog columns disagree in length")
 
     def __len__(self):
@@ -92,19 +102,28 @@ class Catalog:
 
     @classmethod
     def from_folder(cls, root, label_depth=1):
-        """Every file below ``root``; class = the first ``label_depth`` folder levels."""
+        """Every file below ``root``; class = the first ``label_depth`` folder levels
+        (below the split folder, when ``root`` holds ``train/``, ``validation/`` or
+        ``val/``, and ``test/``: see :func:`split_folders`)."""
         root = Path(root)
         if not root.is_dir():
             raise FashionrecError(f"catalog folder {root} does not exist")
         if isinstance(label_depth, bool) or not isinstance(label_depth, int) or label_depth < 1:
             raise FashionrecError(f"label_depth must be an integer >= 1, got {label_depth!r}")
-        ids, paths, labels, categories, skipped = [], [], [], [], []
+        split_names = split_folders(root)
+        ids, paths, labels, categories, skipped, splits = [], [], [], [], [], []
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             rel = path.relative_to(root)
             if any(part.startswith(".") for part in rel.parts):
                 continue  # hidden files and folders (.DS_Store, .git, our temp files)
             item = {"id": rel.as_posix(), "path": str(path)}
             folders = rel.parts[:-1]
+            if split_names:
+                if not folders:
+                    skipped.append(_skip(item, "no split folder",
+                                         f"not inside one of {', '.join(split_names)}"))
+                    continue
+                split, folders = SPLIT_FOLDERS[folders[0]], folders[1:]
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(_skip(item, "not an image file",
                                      f"extension {path.suffix or '(none)'} is not one of "
@@ -117,8 +136,13 @@ class Catalog:
                 paths.append(path.resolve())
                 labels.append("/".join(folders[:label_depth]))
                 categories.append("/".join(folders))
+                if split_names:
+                    splits.append(split)
         source = {"layout": "folder", "root": str(root.resolve()), "label_depth": label_depth}
-        return cls(ids, paths, labels, categories, source, skipped)
+        if split_names:
+            source["split_folders"] = split_names
+        return cls(ids, paths, labels, categories, source, skipped,
+                   splits=splits if split_names else None)
 
     @classmethod
     def from_csv(cls, csv_path, label_column="label", id_column="id", image_column=None,
@@ -213,7 +237,8 @@ class Catalog:
         return replace(self, ids=pick(self.ids), paths=pick(self.paths),
                        labels=pick(self.labels), categories=pick(self.categories),
                        skipped=list(self.skipped),
-                       sha256=None if self.sha256 is None else pick(self.sha256))
+                       sha256=None if self.sha256 is None else pick(self.sha256),
+                       splits=None if self.splits is None else pick(self.splits))
 
     def check(self, min_class_size=1, progress=True):
         """Read every image once; return ``(clean catalog, report)``.
@@ -268,9 +293,97 @@ class Catalog:
             h.update(f"{item_id}\0{digest}\n".encode())
         return h.hexdigest()
 
-    def images(self, size):
+    def images(self, size, fit="pad", mirror=False):
         """The images as a lazy ``(N, size, size, 3)`` uint8 sequence (decoded per batch)."""
-        return ImageFiles(self.paths, size)
+        return ImageFiles(self.paths, size, fit, mirror)
+
+
+def split_folders(root):
+    """The split folders at the top of ``root`` (``["train", "validation", "test"]``,
+    as named on disk), or ``[]`` when ``root`` is not laid out in splits: its
+    top-level folders must all be split names, ``train`` one of them, and at least
+    one other split beside it."""
+    tops = sorted(p.name for p in Path(root).iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+    names = [SPLIT_FOLDERS.get(t.lower()) for t in tops]
+    if not tops or None in names or "train" not in names or len(set(names)) < 2:
+        return []
+    if len(set(names)) < len(names):
+        raise FashionrecError(f"catalog folder {root} has both val/ and validation/; "
+                              f"keep one")
+    return tops
+
+
+def assign_splits(catalog, holdout=None, seed=1234):
+    """Each item's role in training: ``"train"`` (fits the head), ``"validation"``
+    (the head's validation curve, never fitted) or ``"heldout"`` (never seen in
+    training; the honest queries of ``evaluate``).
+
+    Split folders decide by themselves (``test/`` is held out). Otherwise
+    ``holdout`` (a share in (0, 1)) of the items is held out, drawn with ``seed`` and
+    stratified by class; without it every item trains.
+    """
+    if catalog.splits is not None:
+        if holdout:
+            raise FashionrecError("the catalog comes in split folders: its test/ products "
+                                  "are the held-out ones; drop --holdout")
+        return np.array([{"test": "heldout"}.get(s, s) for s in catalog.splits], dtype=object)
+    roles = np.full(len(catalog), "train", dtype=object)
+    if not holdout:
+        return roles
+    if not 0.0 < holdout < 1.0:
+        raise FashionrecError(f"holdout must be a share in (0, 1), got {holdout!r}")
+    from sklearn.model_selection import train_test_split
+
+    try:
+        _, held = train_test_split(np.arange(len(catalog)), test_size=holdout,
+                                   random_state=seed, stratify=catalog.labels)
+    except ValueError as exc:
+        raise FashionrecError(f"cannot hold out {holdout:.0%} of the products stratified by "
+                              f"class ({exc}); use a larger share or --min-class-size") from None
+    roles[held] = "heldout"
+    return roles
+
+
+@dataclass
+class CatalogSplit:
+    """Which products of a catalog run were kept out of the head's training:
+    ``validation`` ones gave its validation curve, ``heldout`` ones were never seen
+    (``method``: ``"folders"``, ``"holdout"`` or ``"none"``). Saved as a run's
+    ``split.json``."""
+
+    method: str
+    validation_ids: list = field(default_factory=list)
+    heldout_ids: list = field(default_factory=list)
+    holdout: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_roles(cls, ids, roles, holdout=None, seed=None, split_folders=False):
+        roles = np.asarray(roles, dtype=object)
+        method = "folders" if split_folders else ("holdout" if holdout else "none")
+        return cls(method, [ids[i] for i in np.flatnonzero(roles == "validation")],
+                   [ids[i] for i in np.flatnonzero(roles == "heldout")], holdout,
+                   seed if holdout else None)
+
+    def summary(self, n_items):
+        """Counts per role (what ``run.json`` records beside the file's name)."""
+        held, val = len(self.heldout_ids), len(self.validation_ids)
+        return {"method": self.method, "holdout": self.holdout, "seed": self.seed,
+                "train": n_items - held - val, "validation": val, "heldout": held}
+
+    def to_dict(self):
+        return {"method": self.method, "holdout": self.holdout, "seed": self.seed,
+                "validation_ids": list(self.validation_ids),
+                "heldout_ids": list(self.heldout_ids)}
+
+    @classmethod
+    def from_dict(cls, d):
+        try:
+            return cls(d["method"], list(d["validation_ids"]), list(d["heldout_ids"]),
+                       d.get("holdout"), d.get("seed"))
+        except (KeyError, TypeError) as exc:
+            raise FashionrecError(f"not a catalog split ({exc})") from None
 
 
 def _skip(item, kind, reason):
@@ -340,9 +453,9 @@ def decode_image(data, name="image"):
     return _decode(data, name)
 
 
-def rgb_from_pil(img, size=None):
+def rgb_from_pil(img, size=None, fit="pad"):
     """A decoded PIL image as RGB uint8, prepared like :func:`read_image`."""
-    return _to_rgb(img, size)
+    return _to_rgb(img, size, fit)
 
 
 def open_image(path):
@@ -358,13 +471,14 @@ def verify_image(path):
     return hashlib.sha256(data).hexdigest()
 
 
-def read_image(path, size=None):
+def read_image(path, size=None, fit="pad", mirror=False):
     """An image file as RGB uint8: transparency composited on white; with ``size``,
-    padded to a square with white (no distortion) and resized to ``size`` x ``size``."""
-    return _to_rgb(open_image(path), size)
+    fitted to a ``size`` x ``size`` square (:func:`fit_square`), mirrored left-right
+    with ``mirror``."""
+    return _to_rgb(open_image(path), size, fit, mirror)
 
 
-def image_from_array(image, size=None):
+def image_from_array(image, size=None, fit="pad"):
     """An image array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
     0-255) prepared exactly like an image file by :func:`read_image`."""
     from PIL import Image
@@ -377,10 +491,26 @@ def image_from_array(image, size=None):
                               f"(H, W, 4), got {np.shape(image)}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise FashionrecError("the image array has NaN or infinite values")
-    return _to_rgb(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)), size)
+    return _to_rgb(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)), size, fit)
 
 
-def _to_rgb(img, size):
+def fit_square(img, size, fit="pad"):
+    """A PIL image fitted to ``size`` x ``size``: ``"pad"`` letterboxes it on white (the
+    whole product, no distortion), ``"crop"`` takes the largest centred square (no
+    padding, the edges of a long side are lost), ``"resize"`` stretches it."""
+    from PIL import Image, ImageOps
+
+    if fit == "pad":
+        return ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR,
+                            color=BACKGROUND)
+    if fit == "crop":
+        return ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
+    if fit == "resize":
+        return img.resize((size, size), Image.Resampling.BILINEAR)
+    raise FashionrecError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+
+
+def _to_rgb(img, size, fit="pad", mirror=False):
     from PIL import Image, ImageOps
 
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -393,18 +523,22 @@ def _to_rgb(img, size):
         img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
     img = img.convert("RGB")
     if size is not None:
-        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR,
-                           color=BACKGROUND)
+        img = fit_square(img, size, fit)
+    if mirror:
+        img = ImageOps.mirror(img)
     return np.asarray(img, dtype=np.uint8)
 
 
 class ImageFiles:
     """A list of image files that reads like an ``(N, size, size, 3)`` uint8 array:
-    slicing decodes just those files, so extraction streams from disk."""
+    slicing decodes just those files, so extraction streams from disk. ``fit`` and
+    ``mirror`` are as for :func:`read_image`."""
 
-    def __init__(self, paths, size):
+    def __init__(self, paths, size, fit="pad", mirror=False):
         self.paths = list(paths)
         self.size = int(size)
+        self.fit = fit
+        self.mirror = bool(mirror)
 
     def __len__(self):
         return len(self.paths)
@@ -415,10 +549,10 @@ class ImageFiles:
 
     def __getitem__(self, key):
         if not isinstance(key, slice):
-            return read_image(self.paths[key], self.size)
+            return read_image(self.paths[key], self.size, self.fit, self.mirror)
         out = np.zeros((len(self.paths[key]), self.size, self.size, 3), np.uint8)
         for i, path in enumerate(self.paths[key]):
-            out[i] = read_image(path, self.size)
+            out[i] = read_image(path, self.size, self.fit, self.mirror)
         return out
 
 

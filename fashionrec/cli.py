@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DATASET_NAMES, SEARCH_CHOICES, RunConfig
+from .config import DATASET_NAMES, FITS, SEARCH_CHOICES, RunConfig
 from .errors import FashionrecError
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -38,6 +38,16 @@ def _int_at_least(low):
 
 
 _positive = _int_at_least(1)
+
+
+def _share(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.2, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1), got {text}")
+    return value
 _non_negative = _int_at_least(0)
 
 
@@ -63,6 +73,8 @@ def build_parser():
                    help="head training epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive, default=d["batch_size"].default,
                    help="head training batch size (default: %(default)s)")
+    t.add_argument("--dropout", type=float, default=d["dropout"].default,
+                   help="the head's dropout rate (default: %(default)s)")
     t.add_argument("--extract-batch-size", type=_positive,
                    default=d["extract_batch_size"].default,
                    help="images per backbone call during extraction (default: %(default)s)")
@@ -89,6 +101,13 @@ def build_parser():
     c.add_argument("--min-class-size", type=_positive, default=CATALOG_DEFAULTS["min_class_size"],
                    help="classes with fewer readable images are left out and reported "
                         "(default: %(default)s)")
+    c.add_argument("--holdout", type=_share, default=CATALOG_DEFAULTS["holdout"],
+                   help="share of the products kept out of training (seeded, stratified by "
+                        "class) for an honest `fashionrec evaluate`; they are still indexed. "
+                        "Split folders (train/ validation/ test/) hold test/ out by themselves")
+    c.add_argument("--image-fit", choices=FITS, default=CATALOG_DEFAULTS["image_fit"],
+                   help="how a photo is fitted to the square input: pad (white letterbox), "
+                        "crop (centre square) or resize (stretch) (default: %(default)s)")
 
     r = sub.add_parser("recommend", help="the K catalog items nearest to a query",
                        description="Recommend catalog items for a catalog item, a test image "
@@ -152,14 +171,19 @@ def build_parser():
     ix.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("evaluate", help="retrieval quality and head accuracy of a trained run",
-                       description="Score a run: every catalog item as a query (leave-one-out) "
-                                   "and held-out test images as queries; precision@k, "
-                                   "recall@k, mAP@10, 1-NN accuracy, per class; the head's "
-                                   "accuracy and confusion matrix.")
+                       description="Score a run. Fashion-MNIST: every catalog item as a "
+                                   "query (leave-one-out) and held-out test images. Product "
+                                   "catalogs: the held-out products (test/ of split folders, "
+                                   "or --holdout at training) against the whole catalog, "
+                                   "beside the raw backbone features with cosine; without "
+                                   "held-out products, leave-one-out (optimistic). "
+                                   "precision@k, recall@k, mAP@10, 1-NN accuracy, per class; "
+                                   "the head's accuracy and confusion matrix.")
     e.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="the trained run (default: %(default)s)")
     e.add_argument("--n-heldout", type=_non_negative, default=None,
-                   help="held-out queries: test images after the catalog (default: all)")
+                   help="Fashion-MNIST runs: held-out queries, the test images after the "
+                        "catalog (default: all)")
     e.add_argument("--out", default=None,
                    help="JSON to write (default: RUN_DIR/evaluation.json)")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -227,7 +251,8 @@ def _search_kwargs(args):
 
 CATALOG_DEFAULTS = {"label_depth": 1, "label_column": "label", "id_column": "id",
                     "image_column": None, "image_pattern": "images/{id}.jpg",
-                    "category_columns": None, "min_class_size": 5}
+                    "category_columns": None, "min_class_size": 5, "holdout": None,
+                    "image_fit": RunConfig.__dataclass_fields__["image_fit"].default}
 
 
 def _catalog_options(group, defaults=True):
@@ -272,7 +297,8 @@ def cmd_train(args):
     cfg = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
         n_reco=args.n_reco, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, weights=args.weights, backbone=args.backbone,
+        batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
+        backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
@@ -308,8 +334,9 @@ def _train_catalog(args):
         raise FashionrecError(f"{', '.join(clash)} do(es) not apply to --catalog: every "
                               f"readable product trains the head and is indexed")
     cfg = RunConfig(
-        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-        weights=args.weights, backbone=args.backbone,
+        image_size=args.image_size, image_fit=args.image_fit, epochs=args.epochs,
+        batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
+        backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
@@ -317,7 +344,7 @@ def _train_catalog(args):
     print(f"fashionrec train: catalog {args.catalog} ({catalog.source['layout']}, "
           f"{len(catalog)} listed images), {cfg.image_size} px -> {run_dir}", flush=True)
     rec = Recommender(cfg).fit_catalog(catalog, min_class_size=args.min_class_size,
-                                       cache_dir=run_dir / "features",
+                                       holdout=args.holdout, cache_dir=run_dir / "features",
                                        progress=not args.no_progress)
     rec.save(run_dir)
     curves = plot_history(rec.head_.history_, run_dir / "plots" / "curves.png")
@@ -326,8 +353,18 @@ def _train_catalog(args):
     print(f"backbone:       {rec.metadata_['backbone_description']}")
     print(f"catalog:        {len(rec.index_)} products, {len(rec.class_names)} classes "
           f"({rec.report_['n_skipped']} skipped: {run_dir / REPORT_FILE})")
+    split = rec.metadata_["dataset"]["split"]
+    if split["method"] != "none":
+        print(f"split:          {split['train']} train, {split['validation']} validation, "
+              f"{split['heldout']} held out ({split['method']}; {run_dir / 'split.json'})")
     if val is not None:
-        print(f"head accuracy:  {val:.4f} (validation: {cfg.validation_split:.0%} of the products)")
+        where = ("validation/" if split["validation"] else
+                 f"{cfg.validation_split:.0%} of the training products")
+        print(f"head accuracy:  {val:.4f} (validation: {where})")
+    held = rec.metadata_.get("head_heldout_accuracy")
+    if held is not None:
+        print(f"head accuracy:  {held:.4f} (the {split['heldout']} held-out products; "
+              f"`fashionrec evaluate` for retrieval)")
     print(f"timings:        extract {t['extract_s']:.1f} s, head {t['head_s']:.1f} s, "
           f"total {t['total_s']:.1f} s, peak RSS {t['peak_rss_mb']:.0f} MB")
     print(f"run:            {run_dir / 'run.json'}; index {run_dir / 'index.h5'} "

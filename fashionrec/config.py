@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import FashionrecError
 
 DATASET_NAMES = ("fashion_mnist", "mnist")
+FITS = ("pad", "crop", "resize")  # how a photo is fitted to the model's square input
 SEARCH_CHOICES = ("auto", "exact", "hnsw")
 
 
@@ -28,6 +29,14 @@ class RunConfig:
         n_train: training images (from the start of the training split) for the head.
         n_reco: test images (from the start of the test split) that form the catalog.
         image_size: side in pixels the 28x28 images are resized to for the backbone.
+        image_fit: how a product photo is fitted to that square: ``"pad"`` (white
+            letterbox, the whole product), ``"crop"`` (centre square) or ``"resize"``
+            (stretched); Fashion-MNIST's square images are only resized.
+        flip: also see every product photo mirrored left-right: the head trains on
+            both, and an item's or photo query's embedding (and class probabilities)
+            is the mean of the two. ``None`` (default): on for product catalogs
+            (measured better on real photos: ``experiments/real_photos.py flip``), off
+            for Fashion-MNIST (the design card's recipe); a run records the value used.
         epochs, batch_size, learning_rate, dropout, validation_split: head training.
         backbone: ``"resnet50"`` or the path of a saved ``.keras`` model that maps an
             ``(N, H, W, 3)`` batch (``preprocess_input`` applied) to ``(N, D)`` vectors.
@@ -45,6 +54,8 @@ class RunConfig:
     n_train: int = 15000
     n_reco: int = 5000
     image_size: int = 224
+    image_fit: str = "pad"
+    flip: bool | None = None
     epochs: int = 32
     batch_size: int = 64
     learning_rate: float = 4e-4
@@ -85,6 +96,11 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FashionrecError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.image_fit not in FITS:
+            raise FashionrecError(f"image_fit must be one of {', '.join(FITS)}, "
+                                  f"got {self.image_fit!r}")
+        if self.flip not in (None, True, False):
+            raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if self.search not in SEARCH_CHOICES:
             raise FashionrecError(f"search must be one of {', '.join(SEARCH_CHOICES)}, "
                                   f"got {self.search!r}")

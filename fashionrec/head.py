@@ -72,8 +72,11 @@ class ClassifierHead:
         self.seed = seed
         self.verbose = verbose
 
-    def fit(self, X, y):
-        """Standardize ``X``, train the MLP on one-hot ``y`` with balanced class weights."""
+    def fit(self, X, y, validation_data=None):
+        """Standardize ``X``, train the MLP on one-hot ``y`` with balanced class weights.
+
+        ``validation_data`` (features, labels), when given, gives the validation curve
+        instead of the last ``validation_split`` of ``X``; it never trains the head."""
         import keras
 
         X = np.asarray(X, dtype=np.float32)
@@ -94,12 +97,17 @@ class ClassifierHead:
             loss="categorical_crossentropy",
             metrics=["accuracy"],
         )
+        split = {"validation_split": self.validation_split}
+        if validation_data is not None and len(validation_data[0]):
+            x_val, y_val = validation_data
+            split = {"validation_data": (self._scaled(x_val),
+                                         keras.utils.to_categorical(y_val, self.n_classes))}
         history = self.model_.fit(
             self.scaler_.transform(X).astype(np.float32),
             keras.utils.to_categorical(y, self.n_classes),
             epochs=self.epochs,
             batch_size=self.batch_size,
-            validation_split=self.validation_split,
+            **split,
             class_weight=self.class_weight_,
             verbose=self.verbose,
         )

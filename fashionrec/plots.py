@@ -1,4 +1,5 @@
-"""Figures people would rather look at: training curves and recommendation grids.
+"""Figures people would rather look at: training curves, recommendation grids and
+evaluation charts. Each ``plot_*`` writes a PNG of its ``*_figure``.
 
 Uses matplotlib's non-interactive Agg canvas; every PNG is written atomically.
 """
@@ -22,7 +23,12 @@ def _save(fig, path):
 
 
 def plot_history(history, path, title="head training"):
-    """Accuracy and loss per epoch, train and validation, side by side."""
+    """Accuracy and loss per epoch, train and validation, side by side (a PNG)."""
+    return _save(history_figure(history, title), path)
+
+
+def history_figure(history, title="head training"):
+    """The figure of :func:`plot_history`."""
     fig = Figure(figsize=(10, 4))
     for ax, metric in zip(fig.subplots(1, 2), ("accuracy", "loss"), strict=True):
         epochs = range(1, len(history.get(metric, [])) + 1)
@@ -34,7 +40,7 @@ def plot_history(history, path, title="head training"):
         ax.set_title(f"{title}: {metric}")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def _short(item_id, width=26):
@@ -53,13 +59,18 @@ def _short(item_id, width=26):
 
 def plot_recommendation(recommendation, query_image, item_image, path):
     """The query beside its recommended items, each titled with its id, class and
-    distance (the same facts as the text and JSON output).
+    distance (the same facts as the text and JSON output), as a PNG.
 
     Args:
         recommendation: a :class:`~fashionrec.recommend.Recommendation`.
         query_image: the query as a 2-D gray or ``(H, W, 3)`` RGB array.
         item_image: callable giving an item's image by id (``None``: not available).
     """
+    return _save(recommendation_figure(recommendation, query_image, item_image), path)
+
+
+def recommendation_figure(recommendation, query_image, item_image):
+    """The figure of :func:`plot_recommendation`: one panel per image."""
     items = recommendation.items
     q = recommendation.query
     fig = Figure(figsize=(2.0 * (len(items) + 1), 2.9))
@@ -88,40 +99,59 @@ def plot_recommendation(recommendation, query_image, item_image, path):
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return fig
 
 
 def plot_per_class(result, path, metric="precision@6"):
-    """Bar chart of ``metric`` per class for each query set of an evaluation."""
-    sets = [s for s in ("catalog_loo", "heldout") if s in result]
-    labels = {"catalog_loo": "catalog leave-one-out", "heldout": "held-out queries"}
+    """Bar chart of ``metric`` per class for each query set of an evaluation (a PNG)."""
+    return _save(per_class_figure(result, metric), path)
+
+
+def per_class_figure(result, metric="precision@6"):
+    """The figure of :func:`plot_per_class`: one group of bars per class, one bar per
+    query set (leave-one-out, held-out, raw features with cosine), the head's accuracy
+    per class as dots."""
+    from .evaluate import query_sets, set_title
+
+    sets = query_sets(result)
     names = result["head"]["class_names"]
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(max(8, 0.9 * len(names) + 3), 4.2))
     ax = fig.subplots()
     width = 0.8 / len(sets)
     x = np.arange(len(names))
     for i, s in enumerate(sets):
         values = [result[s]["per_class"].get(n, {}).get(metric, np.nan) for n in names]
-        ax.bar(x + (i - (len(sets) - 1) / 2) * width, values, width, label=labels[s])
+        values = [np.nan if v is None else v for v in values]
+        ax.bar(x + (i - (len(sets) - 1) / 2) * width, values, width, label=set_title(result, s))
+    head = result["head"]["per_class_accuracy"]
+    ax.plot(x, [head[n] for n in names], "k.", markersize=9, label="head accuracy")
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per class")
+    ax.set_title(f"{metric} per class" + (" (optimistic)" if result.get("optimistic") else ""))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower left", framealpha=0.9)
-    return _save(fig, path)
+    ax.legend(loc="lower left", framealpha=0.9, fontsize=8)
+    return fig
 
 
 def plot_confusion(result, path):
-    """The head's confusion matrix on the evaluated test images."""
+    """The head's confusion matrix on the evaluated images (a PNG)."""
+    return _save(confusion_figure(result), path)
+
+
+def confusion_figure(result):
+    """The figure of :func:`plot_confusion`."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
     head = result["head"]
+    what = "held-out products" if result.get("kind") == "catalog" else "test images"
+    if result.get("optimistic"):
+        what = "catalog products, optimistic"
     fig = Figure(figsize=(7.5, 6.5))
     ax = fig.subplots()
     ConfusionMatrixDisplay(np.array(head["confusion_matrix"]),
                            display_labels=head["class_names"]).plot(
         ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
-    ax.set_title(f"head confusion matrix ({head['n_images']} test images, "
+    ax.set_title(f"head confusion matrix ({head['n_images']} {what}, "
                  f"accuracy {head['accuracy']:.3f})")
-    return _save(fig, path)
+    return fig

@@ -8,6 +8,7 @@ living catalog.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import time
@@ -21,6 +22,9 @@ from . import __version__, search
 from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_json
 from .catalog import (
     Catalog,
+    CatalogSplit,
+    ImageFiles,
+    assign_splits,
     category_matches,
     decode_image,
     format_report,
@@ -46,7 +50,16 @@ from .store import IndexStore
 RUN_FILE = "run.json"
 INDEX_FILE = "index.h5"
 REPORT_FILE = "catalog_report.json"
+SPLIT_FILE = "split.json"
 DISPLAY_SIZE = 160  # product thumbnails in result grids
+
+
+def _cache_digest(files_digest, fit):
+    """The feature cache's key for catalog images: their files and how they were fitted
+    to a square (letterboxed runs keep the key they always had)."""
+    if fit == "pad":
+        return files_digest
+    return hashlib.sha256(f"{files_digest}\0fit={fit}".encode()).hexdigest()
 
 
 def _stderr(message):
@@ -139,6 +152,10 @@ class Recommender:
             progress: show progress bars.
             log: where to report (``None``: silent).
         """
+        if self.config.flip:
+            raise FashionrecError("flip is for product-catalog runs (fit_catalog); "
+                                  "Fashion-MNIST runs follow the design card's recipe")
+        self.config = RunConfig.from_dict({**self.config.to_dict(), "flip": False})
         cfg = self.config
         say = log or (lambda *_: None)
         timings = {}
@@ -194,28 +211,38 @@ class Recommender:
         say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
         return self
 
-    def fit_catalog(self, catalog, min_class_size=5, cache_dir=None, progress=True, log=print):
+    def fit_catalog(self, catalog, min_class_size=5, holdout=None, cache_dir=None,
+                    progress=True, log=print):
         """Train on your own products and index them all.
 
-        Every readable image both trains the head (its class is the catalog's label;
-        the items are shuffled first, so Keras's validation split is a random 20 %)
-        and becomes a catalog item. Unreadable files and classes with fewer than
-        ``min_class_size`` images are left out and listed in :attr:`report_`.
+        Which products train the head: a catalog in split folders trains on ``train/``,
+        takes the validation curve from ``validation/`` and holds ``test/`` out; else
+        ``holdout`` (a share, e.g. 0.2: seeded, stratified by class) is held out and
+        the rest trains, a random ``validation_split`` of it giving the curve. Held-out
+        products never reach training but are indexed like every other (a shop
+        recommends them all); ``split.json`` records which they are, and
+        :func:`fashionrec.evaluate.evaluate` queries with them. Unreadable files and
+        classes with fewer than ``min_class_size`` images are left out and listed in
+        :attr:`report_`.
 
         Args:
             catalog: a :class:`~fashionrec.catalog.Catalog` (image folder or CSV).
             min_class_size: smallest class kept.
+            holdout: share of products held out of training (catalogs without split
+                folders); ``None``: every product trains.
             cache_dir, progress, log: as for :meth:`fit`.
 
         Example:
             >>> cat = Catalog.read("data/demo-catalog/folder", label_depth=2)   # doctest: +SKIP
-            >>> rec = Recommender(image_size=64).fit_catalog(cat)              # doctest: +SKIP
+            >>> rec = Recommender(image_size=64).fit_catalog(cat, holdout=0.2)  # doctest: +SKIP
             >>> rec.recommend(item="Footwear/Boots/ankle-boot-0003.jpg")       # doctest: +SKIP
         """
         say = log or (lambda *_: None)
         timings = {}
         t0 = time.perf_counter()
         cfg = self.config
+        if catalog.splits is not None and holdout:
+            assign_splits(catalog, holdout)  # the one-line refusal, before any long work
         model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
                                      log=say)
         if any(label is None for label in catalog.labels):
@@ -227,51 +254,79 @@ class Recommender:
             raise FashionrecError(f"the catalog has {len(class_names)} usable class(es); "
                                   f"training needs at least 2 (see the report above)")
         y = np.array([class_names.index(label) for label in clean.labels], dtype=np.int64)
+        roles = assign_splits(clean, holdout, cfg.seed)
+        train = np.flatnonzero(roles == "train")
+        if len(np.unique(y[train])) < 2:
+            raise FashionrecError("the products left to train on cover fewer than 2 classes")
+        self.split_ = CatalogSplit.from_roles(clean.ids, roles, holdout, cfg.seed,
+                                              split_folders=clean.splits is not None)
+        split = self.split_.summary(len(clean))
+        if split["method"] != "none":
+            say(f"split ({split['method']}): {split['train']} products train the head, "
+                f"{split['validation']} validate it, {split['heldout']} are held out "
+                f"(all {len(clean)} are indexed)")
         self.config = RunConfig.from_dict({**cfg.to_dict(), "dataset": "catalog",
-                                           "data_dir": None, "n_train": len(clean),
-                                           "n_reco": len(clean)})
+                                           "data_dir": None, "n_train": len(train),
+                                           "n_reco": len(clean),
+                                           "flip": cfg.flip is not False})
         cfg = self.config
         timings["setup_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         self.extractor_ = FeatureExtractor(model, info, cfg.extract_batch_size)
-        images, digest = clean.images(cfg.image_size), clean.content_digest()
-        if cache_dir is not None:
-            feats = cached_features(self.extractor_, images, cache_dir, "catalog", progress,
-                                    digest=digest)
-        else:
-            feats = self.extractor_.transform(images, progress)
+        digest = clean.content_digest()
+        feats, mirrored = self._catalog_features(clean, digest, cache_dir, progress)
         timings["extract_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        order = np.random.default_rng(cfg.seed).permutation(len(y))
-        say(f"head: training on {len(y)} products of {len(class_names)} classes "
+        order = train[np.random.default_rng(cfg.seed).permutation(len(train))]
+        val = np.flatnonzero(roles == "validation")
+        x_fit, y_fit = feats[order], y[order]
+        if mirrored is not None:  # mirrored copies are more products to learn from
+            both = np.random.default_rng(cfg.seed + 1).permutation(2 * len(order))
+            x_fit = np.concatenate([x_fit, mirrored[order]])[both]
+            y_fit = np.concatenate([y_fit, y_fit])[both]
+        say(f"head: training on {len(order)} products of {len(class_names)} classes"
+            f"{' and their mirror images' if mirrored is not None else ''} "
             f"for {cfg.epochs} epochs")
-        self.head_ = self._new_head(len(class_names), progress).fit(feats[order], y[order])
+        self.head_ = self._new_head(len(class_names), progress).fit(
+            x_fit, y_fit, validation_data=(feats[val], y[val]) if len(val) else None)
         timings["head_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        val = self.head_.history_.get("val_accuracy")
+        probs, embeddings = self.head_outputs(feats, mirrored)
+        val_acc = self.head_.history_.get("val_accuracy")
+        held = np.flatnonzero(roles == "heldout")
+        scores = {"head_val_accuracy": val_acc[-1] if val_acc else None,
+                  "head_heldout_accuracy": (float(np.mean(probs[held].argmax(1) == y[held]))
+                                            if len(held) else None)}
         dataset_meta = {
             "name": "catalog",
             "kind": "catalog",
             "source": catalog.source,
             "class_names": list(class_names),
             "image_size": cfg.image_size,
+            "image_fit": cfg.image_fit,
+            "flip": cfg.flip,
             "n_items": len(clean),
             "n_skipped": self.report_["n_skipped"],
             "min_class_size": min_class_size,
             "content_sha256": digest,
+            "split": {**split, "file": SPLIT_FILE},
             "catalog": "every readable image of the catalog",
         }
-        self._finish(info, dataset_meta, {"head_val_accuracy": val[-1] if val else None},
-                     dict(embeddings=self.head_.embed(feats), ids=clean.ids, labels=y,
+        self._finish(info, dataset_meta, scores,
+                     dict(embeddings=embeddings, ids=clean.ids, labels=y,
                           class_names=class_names, paths=[str(p) for p in clean.paths],
                           categories=clean.categories),
                      timings, t0, t, progress, say)
-        if val:
-            say(f"head validation accuracy ({cfg.validation_split:.0%} of the products): "
-                f"{val[-1]:.4f}")
+        if val_acc:
+            where = ("validation/" if len(val) else
+                     f"{cfg.validation_split:.0%} of the training products")
+            say(f"head validation accuracy ({where}): {val_acc[-1]:.4f}")
+        if len(held):
+            say(f"head accuracy on the {len(held)} held-out products: "
+                f"{scores['head_heldout_accuracy']:.4f}")
         return self
 
     def _new_head(self, n_classes, progress):
@@ -335,6 +390,10 @@ class Recommender:
         store.write_base(self.index_)  # and its HNSW graph, if it has one
         if getattr(self, "report_", None) is not None:
             write_json(run_dir / REPORT_FILE, self.report_)
+        if getattr(self, "split_", None) is not None:
+            write_json(run_dir / SPLIT_FILE, {"run_id": self.run_id_, **self.split_.to_dict()})
+        else:
+            (run_dir / SPLIT_FILE).unlink(missing_ok=True)  # an earlier run's
         write_json(run_dir / RUN_FILE, self.metadata_)
         self.run_dir_ = run_dir
         return run_dir
@@ -369,6 +428,13 @@ class Recommender:
             raise FashionrecError(
                 f"{run_dir} mixes files of two runs (an interrupted save?); re-run `make train`")
         rec._backbone_info = info
+        rec.split_ = None
+        if (run_dir / SPLIT_FILE).is_file():
+            split = read_json(run_dir / SPLIT_FILE, "split file")
+            if split.get("run_id") != rec.run_id_:
+                raise FashionrecError(f"{run_dir / SPLIT_FILE} belongs to another run; "
+                                      f"re-run `make train`")
+            rec.split_ = CatalogSplit.from_dict(split)
         return rec
 
     # ------------------------------------------------------------ recommend
@@ -425,20 +491,86 @@ class Recommender:
                                         "true_label": label,
                                         "true_class": self.class_names[label]}
         if isinstance(query, (str, Path)):
-            image = (read_image(query, self.config.image_size) if self.is_catalog
+            image = (read_image(query, self.config.image_size, self.config.image_fit)
+                     if self.is_catalog
                      else load_image(query, self._image_shape()))
             return image, {"kind": "file", "source": str(query)}
         if isinstance(query, (bytes, bytearray)):  # an uploaded file, read like a file
             img = decode_image(bytes(query), "upload")
-            image = (rgb_from_pil(img, self.config.image_size) if self.is_catalog
+            image = (rgb_from_pil(img, self.config.image_size, self.config.image_fit)
+                     if self.is_catalog
                      else gray_from_pil(img, self._image_shape()))
             return image, {"kind": "upload", "source": "upload"}
         if isinstance(query, np.ndarray):
-            image = (image_from_array(query, self.config.image_size) if self.is_catalog
+            image = (image_from_array(query, self.config.image_size, self.config.image_fit)
+                     if self.is_catalog
                      else to_gray(query, self._image_shape()))
             return image, {"kind": "array", "source": "array"}
         raise FashionrecError(f"a query is a test index, an image path, image bytes or an "
                               f"image array, not {type(query).__name__}")
+
+    def head_outputs(self, feats, mirrored=None):
+        """Class probabilities and 512-d embeddings of backbone features; with the
+        features of the mirror images (a run with ``flip``), the mean of both."""
+        probs, emb = self.head_.predict_proba(feats), self.head_.embed(feats)
+        if mirrored is not None:
+            probs = (probs + self.head_.predict_proba(mirrored)) / 2
+            emb = (emb + self.head_.embed(mirrored)) / 2
+        return probs, emb
+
+    def _image_features(self, images, progress=False):
+        """Backbone features of prepared images (an array or lazy image files), and of
+        their mirror images when the run flips (else ``None``); one backbone pass for
+        a small array (a batch of photo queries)."""
+        if not self.config.flip:
+            return self.extractor.transform(images, progress), None
+        if isinstance(images, ImageFiles):
+            mirror = ImageFiles(images.paths, images.size, images.fit, mirror=True)
+            return (self.extractor.transform(images, progress),
+                    self.extractor.transform(mirror, progress))
+        images = np.asarray(images)
+        feats = self.extractor.transform(np.concatenate([images, images[:, :, ::-1]]), progress)
+        return feats[:len(images)], feats[len(images):]
+
+    def _catalog_features(self, catalog, digest, cache_dir=None, progress=True,
+                          name="catalog", mirrored=None):
+        """Features of a checked catalog's images (and of their mirror images when the
+        run flips), from the feature cache when it has them."""
+        cfg = self.config
+        flips = cfg.flip if mirrored is None else mirrored
+        out = []
+        for mirror in (False, True) if flips else (False,):
+            images = catalog.images(cfg.image_size, cfg.image_fit, mirror)
+            if cache_dir is None:
+                out.append(self.extractor.transform(images, progress))
+                continue
+            key = _cache_digest(digest, cfg.image_fit) if not mirror else hashlib.sha256(
+                f"{_cache_digest(digest, cfg.image_fit)}\0mirror".encode()).hexdigest()
+            out.append(cached_features(self.extractor, images, cache_dir,
+                                       f"{name}-mirror" if mirror else name, progress,
+                                       digest=key))
+        return out[0], (out[1] if flips else None)
+
+    def catalog_features(self, cache_dir=None, progress=True, mirrored=None):
+        """Backbone features of every catalog item, in index-row order, and of their
+        mirror images (``mirrored``: default, when the run flips; else ``None``) — from
+        the run's feature cache when the catalog is the one it was trained on."""
+        index = self.index_
+        if not self.is_catalog or index.paths is None:
+            raise FashionrecError("only a product-catalog run has catalog image files")
+        digests = []
+        for item_id, path in zip(index.ids, index.paths, strict=True):
+            try:
+                digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            except OSError:
+                raise FashionrecError(f"the image of item {item_id!r} ({path}) cannot be "
+                                      f"read; the catalog's image files are needed") from None
+        cat = Catalog([str(i) for i in index.ids], [Path(p) for p in index.paths],
+                      [None] * len(index), [""] * len(index), sha256=digests)
+        digest = cat.content_digest()
+        trained = digest == self.metadata_["dataset"].get("content_sha256")
+        return self._catalog_features(cat, digest, cache_dir, progress,
+                                      "catalog" if trained else "catalog-now", mirrored)
 
     def _image_shape(self):
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]
@@ -531,9 +663,9 @@ class Recommender:
                 results[i] = exc
         if not prepared:
             return results
-        feats = self.extractor.transform(np.stack([image for _, image, _ in prepared]))
-        probs = self.head_.predict_proba(feats)
-        vectors = index.transform(self.head_.embed(feats))
+        probs, emb = self.head_outputs(
+            *self._image_features(np.stack([image for _, image, _ in prepared])))
+        vectors = index.transform(emb)
         for (i, image, info), p, vector in zip(prepared, probs, vectors, strict=True):
             req, pred = requests[i], int(p.argmax())
             info.update(predicted_label=pred, predicted_class=self.class_names[pred],
@@ -644,16 +776,16 @@ class Recommender:
             say("add: no usable new products")
             return result
         if self.is_catalog:
-            images = clean.images(self.config.image_size)
+            images = clean.images(self.config.image_size, self.config.image_fit)
             stored_images = None
         else:  # a Fashion-MNIST catalog stores 28x28 gray images; the new items too
             stored_images = np.stack([load_image(p, self._image_shape()) for p in clean.paths])
             images = stored_images
-        feats = self.extractor.transform(images, progress)
-        predicted = self.head_.predict(feats)
+        probs, emb = self.head_outputs(*self._image_features(images, progress))
+        predicted = probs.argmax(axis=1)
         labels = [int(p) if lab is None else lab for lab, p in zip(labels, predicted, strict=True)]
         part = CatalogIndex(
-            self.index_.transform(self.head_.embed(feats)), ids, labels, self.class_names,
+            self.index_.transform(emb), ids, labels, self.class_names,
             self.index_.scaler,
             None if stored_images is None else np.clip(stored_images, 0, 255).astype(np.uint8),
             paths=[str(p) for p in clean.paths], categories=clean.categories)

@@ -115,3 +115,19 @@ def make_csv_catalog(root, n_per_class=8, seed=1):
         w.writeheader()
         w.writerows(rows)
     return good, bad
+
+
+def make_split_catalog(root, counts=None, val_name="validation", seed=2):
+    """``root/<split>/<Category>/<n>.jpg`` in ``train/``, ``val_name/`` and ``test/``
+    (the layout of clothing-dataset-small); returns ``{split: [ids]}``."""
+    counts = counts or {"train": 8, val_name: 3, "test": 3}
+    rng = np.random.default_rng(seed)
+    ids = {}
+    for split, n in counts.items():
+        for cls, (shape, colour) in CLASSES.items():
+            top = cls.split("/")[1]  # Boots, Sandals, Totes
+            for k in range(n):
+                path = root / split / top / f"{split}-{k:02d}.jpg"
+                _save(draw_product(shape, colour, rng, SIZES[k % len(SIZES)]), path)
+                ids.setdefault(split, []).append(path.relative_to(root).as_posix())
+    return ids

@@ -285,10 +285,16 @@ def test_a_fashion_mnist_run_takes_new_products_too(trained_run, tmp_path):
     assert 3 not in [i.id for i in rec.recommend(30, k=23).items]
 
 
-def test_evaluate_says_why_it_does_not_apply(shop, capsys):
+def test_evaluate_without_held_out_products_is_labelled_optimistic(shop, tmp_path, capsys):
     _, run_dir, _ = shop
-    assert main(["evaluate", "--run-dir", str(run_dir)]) == 1
-    assert "product-catalog run has none" in capsys.readouterr().err
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", "--run-dir", str(run_dir), "--out", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "OPTIMISTIC" in text and "catalog (leave-one-out), optimistic" in text
+    res = json.loads(out.read_text())
+    assert res["optimistic"] and res["catalog_loo"]["n_queries"] == 24
+    assert res["primary_metric"] == "catalog_loo/map@10"
 
 
 def test_catalog_options_without_a_catalog_are_refused(capsys):
