@@ -4,16 +4,19 @@
     python experiments/real_photos.py fit        # white letterbox vs centre crop vs resize
     python experiments/real_photos.py flip       # mirrored copies at training / query time
     python experiments/real_photos.py size       # 160 / 224 / 288 px
-    python experiments/real_photos.py head       # the head's dropout and epochs
-    python experiments/real_photos.py final      # the chosen settings, test/ reported once
+    python experiments/real_photos.py head --mirror   # the head's dropout and epochs
+    python experiments/real_photos.py views      # letterbox + crop, each with its mirror
+    python experiments/real_photos.py lr         # the head's learning rate and epochs
+    python experiments/real_photos.py data --fit pad+crop --epochs 64 --lr 5e-5
+                                                 # 50 / 75 / 100 % of train/
 
 Tuning protocol (every experiment but ``final``): the head trains on ``train/``; the
 341 ``validation/`` photos query a corpus of ``train/`` + ``validation/`` (never getting
 themselves back); ``test/`` is not looked at. A retrieved photo is relevant when it has
 the query's class. Each row is the mean over 3 head seeds (1234, 1235, 1236), next to
 the raw backbone features with cosine (the tutorials' method) on the same queries.
-``final`` trains with the chosen settings and reports the 372 ``test/`` photos as
-queries against the whole catalog (all splits), once.
+The chosen settings are the catalog defaults; ``make demo-real`` trains with them and
+reports the 372 ``test/`` photos as queries against the whole catalog, once.
 
 Features are cached under experiments/out/real/ (not committed); results go to
 experiments/results/real_<experiment>.{json,md}. The backbone is the offline ImageNet
@@ -110,25 +113,31 @@ def precision_at_6(corpus, corpus_labels, queries, query_labels, own_rows, k=6):
 
 def run_setting(feats, mirror_feats=None, train_mirror=False, query_mirror=False,
                 dropout=0.7, epochs=32, seeds=SEEDS, query_split="validation",
-                corpus_splits=("train", "validation"), train_splits=("train",)):
+                corpus_splits=("train", "validation"), train_splits=("train",), views=None,
+                train_labels=None, learning_rate=4e-4):
     """Train the head on ``train_splits``, index ``corpus_splits``, query with
-    ``query_split``; mean metrics over ``seeds``, plus the raw-feature cosine baseline."""
+    ``query_split``; mean metrics over ``seeds``, plus the raw-feature cosine baseline
+    (on ``feats``). ``views`` (a list of feature dicts, e.g. letterboxed, mirrored,
+    cropped) replaces the mirror options: the head trains on every view, embeddings
+    and class probabilities are the mean over the views."""
     from sklearn.preprocessing import StandardScaler
 
     from fashionrec import ClassifierHead
 
+    if views is None:
+        views = [feats] + ([mirror_feats] if query_mirror else [])
+        train_views = [feats] + ([mirror_feats] if train_mirror else [])
+    else:
+        train_views = views
     data = photos()
     labels = {s: data[s][1] for s in SPLITS}
     classes = sorted(set(labels["train"]))
     enc = lambda lab: np.array([classes.index(c) for c in lab])  # noqa: E731
-    x_tr = np.concatenate([feats[s] for s in train_splits])
-    y_tr = enc(np.concatenate([labels[s] for s in train_splits]))
-    if train_mirror:
-        x_tr = np.concatenate([x_tr, *[mirror_feats[s] for s in train_splits]])
-        y_tr = np.concatenate([y_tr, y_tr])
-    corpus_f = np.concatenate([feats[s] for s in corpus_splits])
-    corpus_m = (np.concatenate([mirror_feats[s] for s in corpus_splits])
-                if query_mirror else None)
+    x_tr = np.concatenate([v[s] for v in train_views for s in train_splits])
+    if train_labels is None:
+        train_labels = np.concatenate([labels[s] for s in train_splits])
+    y_tr = np.concatenate([enc(train_labels)] * len(train_views))
+    corpus = [np.concatenate([v[s] for s in corpus_splits]) for v in views]
     corpus_y = np.concatenate([labels[s] for s in corpus_splits])
     start = sum(len(feats[s]) for s in corpus_splits[:corpus_splits.index(query_split)])
     own = np.arange(start, start + len(feats[query_split]))
@@ -137,22 +146,19 @@ def run_setting(feats, mirror_feats=None, train_mirror=False, query_mirror=False
     for seed in seeds:
         order = np.random.default_rng(seed).permutation(len(y_tr))
         head = ClassifierHead(len(classes), epochs=epochs, dropout=dropout,
-                              validation_split=0.0, seed=seed, verbose=0)
+                              learning_rate=learning_rate, validation_split=0.0, seed=seed,
+                              verbose=0)
         head.fit(x_tr[order], y_tr[order])
-        emb = head.embed(corpus_f)
-        if query_mirror:
-            emb = (emb + head.embed(corpus_m)) / 2
+        emb = np.mean([head.embed(c) for c in corpus], axis=0)
         z = StandardScaler().fit(emb).transform(emb)
         m = precision_at_6(z, corpus_y, z[own], q_labels, own)
-        proba = head.predict_proba(feats[query_split])
-        if query_mirror:
-            proba = (proba + head.predict_proba(mirror_feats[query_split])) / 2
+        proba = np.mean([head.predict_proba(v[query_split]) for v in views], axis=0)
         m["head_accuracy"] = float((proba.argmax(1) == enc(q_labels)).mean())
         rows.append(m)
     keys = ("precision@1", "precision@6", "precision@10", "map@10", "head_accuracy")
     out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     out.update({f"{k}_std": float(np.std([r[k] for r in rows])) for k in keys})
-    raw = corpus_f / np.linalg.norm(corpus_f, axis=1, keepdims=True)  # cosine ranking
+    raw = corpus[0] / np.linalg.norm(corpus[0], axis=1, keepdims=True)  # cosine ranking
     base = precision_at_6(raw, corpus_y, raw[own], q_labels, own)
     out["raw_cosine_precision@6"] = base["precision@6"]
     out["raw_cosine_map@10"] = base["map@10"]
@@ -215,17 +221,65 @@ def exp_head(args):
     write("head", rows, TUNING + f"; fit {args.fit}; mirror {args.mirror}")
 
 
+def exp_views(args):
+    pad, pad_m = features("pad", args.size), features("pad", args.size, mirror=True)
+    crop, crop_m = features("crop", args.size), features("crop", args.size, mirror=True)
+    rows = {}
+    for epochs in (32, 64):
+        for name, views in (("pad + mirror", [pad, pad_m]),
+                            ("pad + mirror + crop + mirror", [pad, pad_m, crop, crop_m])):
+            rows[f"{name}, {epochs} epochs"] = run_setting(pad, views=views, epochs=epochs)
+    write("views", rows, TUNING + "; the head trains on every view, embeddings and class "
+                                  "probabilities are the mean over the views")
+
+
+def exp_lr(args):
+    """The head's learning rate and epochs, on the four views (pad, crop, mirrored)."""
+    views = [features(fit, args.size, mirror=m) for fit in ("pad", "crop") for m in (False, True)]
+    rows = {}
+    for lr in (4e-4, 1e-4, 5e-5):
+        for epochs in (32, 64):
+            rows[f"lr {lr:g}, {epochs} epochs"] = run_setting(views[0], views=views,
+                                                             epochs=epochs, learning_rate=lr)
+    write("lr", rows, TUNING + "; views: pad, crop, each with its mirror; dropout 0.7")
+
+
+def exp_data(args):
+    """Does more training data help? The head trains on a stratified share of train/
+    (the catalog defaults otherwise): if it keeps rising at 100 %, adding validation/'s
+    341 photos for the final run is worth losing the validation curve."""
+    from sklearn.model_selection import train_test_split
+
+    views = [features(fit, args.size, mirror=m) for fit in args.fit.split("+")
+             for m in (False, True)]
+    labels = photos()["train"][1]
+    rows = {}
+    for share in (0.5, 0.75, 1.0):
+        keep = (np.arange(len(labels)) if share == 1.0 else np.sort(train_test_split(
+            np.arange(len(labels)), train_size=share, random_state=0, stratify=labels)[0]))
+        sub = [{**v, "train_sub": v["train"][keep]} for v in views]
+        rows[f"{share:.0%} of train/ ({len(keep)} photos)"] = run_setting(
+            sub[0], views=sub, epochs=args.epochs, train_splits=("train_sub",),
+            train_labels=labels[keep], learning_rate=args.lr)
+    write("data", rows, TUNING + f"; views: {args.fit}, each with its mirror; "
+                                 f"{args.epochs} epochs, learning rate {args.lr:g}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=("features", "fit", "flip", "size", "head"))
+    p.add_argument("experiment", choices=("features", "fit", "flip", "size", "head", "views",
+                                              "lr", "data"))
     p.add_argument("--fit", default="pad")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--mirror", action="store_true")
+    p.add_argument("--epochs", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
     args = p.parse_args()
     if args.experiment == "features":
         features(args.fit, args.size, args.mirror)
         return
-    {"fit": exp_fit, "flip": exp_flip, "size": exp_size, "head": exp_head}[args.experiment](args)
+    {"fit": exp_fit, "flip": exp_flip, "size": exp_size, "head": exp_head,
+     "views": exp_views, "lr": exp_lr, "data": exp_data}[args.experiment](args)
 
 
 if __name__ == "__main__":

@@ -481,6 +481,12 @@ def read_image(path, size=None, fit="pad", mirror=False):
 def image_from_array(image, size=None, fit="pad"):
     """An image array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
     0-255) prepared exactly like an image file by :func:`read_image`."""
+    return _to_rgb(pil_from_array(image), size, fit)
+
+
+def pil_from_array(image):
+    """An image array (as for :func:`image_from_array`) as a PIL image; a bad shape or
+    NaN values are a one-line :class:`FashionrecError`."""
     from PIL import Image
 
     x = np.asarray(image)
@@ -491,7 +497,13 @@ def image_from_array(image, size=None, fit="pad"):
                               f"(H, W, 4), got {np.shape(image)}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise FashionrecError("the image array has NaN or infinite values")
-    return _to_rgb(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)), size, fit)
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def fit_views(img, size, fits):
+    """A decoded PIL image fitted to the square once per way in ``fits``:
+    ``(len(fits), size, size, 3)`` uint8."""
+    return np.stack([_to_rgb(img, size, fit) for fit in fits])
 
 
 def fit_square(img, size, fit="pad"):

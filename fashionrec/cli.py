@@ -13,7 +13,14 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DATASET_NAMES, FITS, SEARCH_CHOICES, RunConfig
+from .config import (
+    CATALOG_DEFAULTS,
+    DATASET_NAMES,
+    FITS,
+    RECIPE_DEFAULTS,
+    SEARCH_CHOICES,
+    RunConfig,
+)
 from .errors import FashionrecError
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -69,8 +76,13 @@ def build_parser():
                    help="first N test images form the catalog (default: %(default)s)")
     t.add_argument("--image-size", type=_positive, default=d["image_size"].default,
                    help="backbone input side in pixels, >= 32 (default: %(default)s)")
-    t.add_argument("--epochs", type=_positive, default=d["epochs"].default,
-                   help="head training epochs (default: %(default)s)")
+    t.add_argument("--epochs", type=_positive, default=None,
+                   help=f"head training epochs (default: {RECIPE_DEFAULTS['epochs']}; "
+                        f"product catalogs {CATALOG_DEFAULTS['epochs']})")
+    t.add_argument("--learning-rate", type=float, default=None,
+                   help=f"the head's Adam learning rate (default: "
+                        f"{RECIPE_DEFAULTS['learning_rate']:g}; product catalogs "
+                        f"{CATALOG_DEFAULTS['learning_rate']:g})")
     t.add_argument("--batch-size", type=_positive, default=d["batch_size"].default,
                    help="head training batch size (default: %(default)s)")
     t.add_argument("--dropout", type=float, default=d["dropout"].default,
@@ -98,16 +110,22 @@ def build_parser():
     c.add_argument("--catalog", default=None,
                    help="an image folder (category/subcategory/.../image) or a CSV manifest")
     _catalog_options(c)
-    c.add_argument("--min-class-size", type=_positive, default=CATALOG_DEFAULTS["min_class_size"],
+    c.add_argument("--min-class-size", type=_positive, default=CATALOG_OPTIONS["min_class_size"],
                    help="classes with fewer readable images are left out and reported "
                         "(default: %(default)s)")
-    c.add_argument("--holdout", type=_share, default=CATALOG_DEFAULTS["holdout"],
+    c.add_argument("--holdout", type=_share, default=CATALOG_OPTIONS["holdout"],
                    help="share of the products kept out of training (seeded, stratified by "
                         "class) for an honest `fashionrec evaluate`; they are still indexed. "
                         "Split folders (train/ validation/ test/) hold test/ out by themselves")
-    c.add_argument("--image-fit", choices=FITS, default=CATALOG_DEFAULTS["image_fit"],
-                   help="how a photo is fitted to the square input: pad (white letterbox), "
-                        "crop (centre square) or resize (stretch) (default: %(default)s)")
+    c.add_argument("--image-fit", default=CATALOG_OPTIONS["image_fit"],
+                   help=f"how a photo is fitted to the square input: {', '.join(FITS)} "
+                        f"(white letterbox, centre square, stretch), or several joined by "
+                        f"'+', each one more view of the product (default: "
+                        f"{CATALOG_DEFAULTS['image_fit']})")
+    c.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   default=CATALOG_OPTIONS["flip"],
+                   help=f"also see each photo mirrored (training and queries) (default: "
+                        f"{'on' if CATALOG_DEFAULTS['flip'] else 'off'})")
 
     r = sub.add_parser("recommend", help="the K catalog items nearest to a query",
                        description="Recommend catalog items for a catalog item, a test image "
@@ -249,10 +267,10 @@ def _search_kwargs(args):
                                           "hnsw_ef_construction", "hnsw_ef_search")}
 
 
-CATALOG_DEFAULTS = {"label_depth": 1, "label_column": "label", "id_column": "id",
+CATALOG_OPTIONS = {"label_depth": 1, "label_column": "label", "id_column": "id",
                     "image_column": None, "image_pattern": "images/{id}.jpg",
                     "category_columns": None, "min_class_size": 5, "holdout": None,
-                    "image_fit": RunConfig.__dataclass_fields__["image_fit"].default}
+                    "image_fit": None, "flip": None}
 
 
 def _catalog_options(group, defaults=True):
@@ -260,17 +278,17 @@ def _catalog_options(group, defaults=True):
     defaults of its own: the run's options apply)."""
     def default(value):
         return value if defaults else None
-    group.add_argument("--label-depth", type=_positive, default=default(CATALOG_DEFAULTS["label_depth"]),
+    group.add_argument("--label-depth", type=_positive, default=default(CATALOG_OPTIONS["label_depth"]),
                        help="folder layout: folder levels that make the class "
                             "(1: Shoes, 2: Shoes/Boots)" + (" (default: 1)" if defaults else ""))
-    group.add_argument("--label-column", default=default(CATALOG_DEFAULTS["label_column"]),
+    group.add_argument("--label-column", default=default(CATALOG_OPTIONS["label_column"]),
                        help="CSV: the column holding the class" +
                             (" (default: label)" if defaults else ""))
-    group.add_argument("--id-column", default=default(CATALOG_DEFAULTS["id_column"]),
+    group.add_argument("--id-column", default=default(CATALOG_OPTIONS["id_column"]),
                        help="CSV: the column holding the id" + (" (default: id)" if defaults else ""))
     group.add_argument("--image-column", default=None,
                        help="CSV: a column holding the image path (else --image-pattern)")
-    group.add_argument("--image-pattern", default=default(CATALOG_DEFAULTS["image_pattern"]),
+    group.add_argument("--image-pattern", default=default(CATALOG_OPTIONS["image_pattern"]),
                        help="CSV: image path from the id" +
                             (" (default: images/{id}.jpg)" if defaults else ""))
     group.add_argument("--category-columns", default=None,
@@ -289,7 +307,7 @@ def cmd_train(args):
 
     if args.catalog is not None:
         return _train_catalog(args)
-    given = [f"--{k.replace('_', '-')}" for k, v in CATALOG_DEFAULTS.items()
+    given = [f"--{k.replace('_', '-')}" for k, v in CATALOG_OPTIONS.items()
              if getattr(args, k) != v]
     if given:
         raise FashionrecError(f"{', '.join(given)} appl(ies) only with --catalog")
@@ -297,7 +315,7 @@ def cmd_train(args):
     cfg = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
         n_reco=args.n_reco, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
         backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
@@ -334,7 +352,8 @@ def _train_catalog(args):
         raise FashionrecError(f"{', '.join(clash)} do(es) not apply to --catalog: every "
                               f"readable product trains the head and is indexed")
     cfg = RunConfig(
-        image_size=args.image_size, image_fit=args.image_fit, epochs=args.epochs,
+        image_size=args.image_size, image_fit=args.image_fit, flip=args.flip,
+        epochs=args.epochs, learning_rate=args.learning_rate,
         batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
         backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),

@@ -11,6 +11,11 @@ from .errors import FashionrecError
 
 DATASET_NAMES = ("fashion_mnist", "mnist")
 FITS = ("pad", "crop", "resize")  # how a photo is fitted to the model's square input
+# What a setting left at None means, by kind of run. Fashion-MNIST: the design card's
+# recipe. Product catalogs: chosen on clothing-dataset-small's validation/ photos
+# (experiments/real_photos.py; results in experiments/results/real_*.md).
+RECIPE_DEFAULTS = {"epochs": 32, "learning_rate": 4e-4, "image_fit": None, "flip": False}
+CATALOG_DEFAULTS = {"epochs": 64, "learning_rate": 5e-5, "image_fit": "pad+crop", "flip": True}
 SEARCH_CHOICES = ("auto", "exact", "hnsw")
 
 
@@ -20,7 +25,8 @@ class RunConfig:
 
     The defaults are the reference recipe: ResNet50 (ImageNet) at 224 px, the
     first 15,000 training images for the head, the first 5,000 test images as the
-    catalog, 32 epochs of batch 64 with a 0.2 validation split.
+    catalog, 32 epochs of batch 64 with a 0.2 validation split (product catalogs differ
+    where measured better: :data:`CATALOG_DEFAULTS`).
 
     Args:
         dataset: ``"fashion_mnist"`` or ``"mnist"``; ``"catalog"`` in a run trained on
@@ -31,13 +37,18 @@ class RunConfig:
         image_size: side in pixels the 28x28 images are resized to for the backbone.
         image_fit: how a product photo is fitted to that square: ``"pad"`` (white
             letterbox, the whole product), ``"crop"`` (centre square) or ``"resize"``
-            (stretched); Fashion-MNIST's square images are only resized.
+            (stretched), or several joined by ``+`` (``"pad+crop"``: the head trains on
+            each, an embedding is the mean over them). ``None`` (default): the catalog
+            default, ``pad+crop``; Fashion-MNIST's square images are only resized.
         flip: also see every product photo mirrored left-right: the head trains on
             both, and an item's or photo query's embedding (and class probabilities)
             is the mean of the two. ``None`` (default): on for product catalogs
             (measured better on real photos: ``experiments/real_photos.py flip``), off
-            for Fashion-MNIST (the design card's recipe); a run records the value used.
-        epochs, batch_size, learning_rate, dropout, validation_split: head training.
+            for Fashion-MNIST (the design card's recipe). A run records the values used.
+        epochs, batch_size, learning_rate, dropout, validation_split: head training;
+            ``epochs`` and ``learning_rate`` left at ``None`` take the kind of run's
+            default (:meth:`resolved`): 32 and 4e-4 for Fashion-MNIST (the recipe), 64
+            and 5e-5 for product catalogs (measured better on real photos).
         backbone: ``"resnet50"`` or the path of a saved ``.keras`` model that maps an
             ``(N, H, W, 3)`` batch (``preprocess_input`` applied) to ``(N, D)`` vectors.
         weights: ``"imagenet"``, ``"none"`` (random, seeded) or a Keras weights file.
@@ -54,11 +65,11 @@ class RunConfig:
     n_train: int = 15000
     n_reco: int = 5000
     image_size: int = 224
-    image_fit: str = "pad"
+    image_fit: str | None = None
     flip: bool | None = None
-    epochs: int = 32
+    epochs: int | None = None
     batch_size: int = 64
-    learning_rate: float = 4e-4
+    learning_rate: float | None = None
     dropout: float = 0.7
     validation_split: float = 0.2
     backbone: str = "resnet50"
@@ -85,7 +96,6 @@ class RunConfig:
             ("n_train", 2),
             ("n_reco", 1),
             ("image_size", 32),
-            ("epochs", 1),
             ("batch_size", 1),
             ("extract_batch_size", 1),
             ("hnsw_min_items", 1),
@@ -96,9 +106,11 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FashionrecError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.image_fit not in FITS:
-            raise FashionrecError(f"image_fit must be one of {', '.join(FITS)}, "
-                                  f"got {self.image_fit!r}")
+        if self.image_fit is not None:
+            parts = str(self.image_fit).split("+")
+            if not all(p in FITS for p in parts) or len(set(parts)) < len(parts):
+                raise FashionrecError(f"image_fit must be one or more of {', '.join(FITS)} "
+                                      f"joined by '+', got {self.image_fit!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if self.search not in SEARCH_CHOICES:
@@ -110,7 +122,11 @@ class RunConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise FashionrecError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.learning_rate > 0:
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(
+                self.epochs, int) or self.epochs < 1):
+            raise FashionrecError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.learning_rate is not None and not (
+                isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise FashionrecError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.backbone != "resnet50":
             path = Path(self.backbone)
@@ -130,6 +146,25 @@ class RunConfig:
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise FashionrecError(f"data_dir {self.data_dir} is not a folder")
         return self
+
+    def resolved(self, catalog=False):
+        """This config with every setting left at ``None`` given the default of its
+        kind of run (:data:`CATALOG_DEFAULTS` for a product catalog, else
+        :data:`RECIPE_DEFAULTS`)."""
+        defaults = CATALOG_DEFAULTS if catalog else RECIPE_DEFAULTS
+        d = self.to_dict()
+        d.update({k: v for k, v in defaults.items() if d[k] is None})
+        return RunConfig.from_dict(d, check_paths=False)
+
+    @property
+    def fits(self):
+        """The ways a product photo is fitted to the square, in order."""
+        return tuple((self.image_fit or CATALOG_DEFAULTS["image_fit"]).split("+"))
+
+    def views(self):
+        """``(fit, mirrored)`` of every view a catalog product is seen in."""
+        mirrors = (False, True) if self.flip else (False,)
+        return [(fit, m) for fit in self.fits for m in mirrors]
 
     def search_spec(self, n_items, log=None):
         """The search back-end for ``n_items`` (:func:`fashionrec.search.resolve`)."""

@@ -270,8 +270,9 @@ def _evaluate_catalog(rec, cache_dir, ks, progress, say):
     name = "catalog_loo" if optimistic else "heldout"
     say(f"evaluate: {len(rows)} {'catalog' if optimistic else 'held-out'} products query "
         f"the {len(index)} of the catalog")
-    # raw backbone features per row (and of the mirror images, for a run that flips)
-    feats, mirrored = rec.catalog_features(cache_dir, progress)
+    # raw backbone features per row, one array per view (the first: the photo as is)
+    views = rec.catalog_features(cache_dir, progress)
+    feats = views[0]
     labels = index.labels[rows]
     evaluator = RetrievalEvaluator(labels, rows, ks, name)
     baseline, unit = raw_cosine_corpus(feats, index.labels, index.class_names)
@@ -280,7 +281,7 @@ def _evaluate_catalog(rec, cache_dir, ks, progress, say):
               name: evaluator(index, np.asarray(index.vectors[rows])),
               "raw_cosine": evaluator(baseline, unit[rows])}
     head = ClassificationEvaluator(labels, index.class_names)
-    probs, _ = rec.head_outputs(feats[rows], None if mirrored is None else mirrored[rows])
+    probs, _ = rec.head_outputs([v[rows] for v in views])
     result["head"] = head(probs.argmax(axis=1))
     result["head"]["optimistic"] = optimistic
     return result

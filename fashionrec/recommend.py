@@ -23,15 +23,14 @@ from .artifacts import now_iso, package_versions, peak_rss_mb, read_json, write_
 from .catalog import (
     Catalog,
     CatalogSplit,
-    ImageFiles,
     assign_splits,
     category_matches,
     decode_image,
+    fit_views,
     format_report,
-    image_from_array,
     open_image,
+    pil_from_array,
     read_image,
-    rgb_from_pil,
 )
 from .config import RunConfig
 from .data import Dataset, get_spec, load_dataset, load_split
@@ -52,14 +51,6 @@ INDEX_FILE = "index.h5"
 REPORT_FILE = "catalog_report.json"
 SPLIT_FILE = "split.json"
 DISPLAY_SIZE = 160  # product thumbnails in result grids
-
-
-def _cache_digest(files_digest, fit):
-    """The feature cache's key for catalog images: their files and how they were fitted
-    to a square (letterboxed runs keep the key they always had)."""
-    if fit == "pad":
-        return files_digest
-    return hashlib.sha256(f"{files_digest}\0fit={fit}".encode()).hexdigest()
 
 
 def _stderr(message):
@@ -152,10 +143,10 @@ class Recommender:
             progress: show progress bars.
             log: where to report (``None``: silent).
         """
-        if self.config.flip:
-            raise FashionrecError("flip is for product-catalog runs (fit_catalog); "
-                                  "Fashion-MNIST runs follow the design card's recipe")
-        self.config = RunConfig.from_dict({**self.config.to_dict(), "flip": False})
+        if self.config.flip or self.config.image_fit:
+            raise FashionrecError("flip and image_fit are for product-catalog runs "
+                                  "(fit_catalog); Fashion-MNIST images are square")
+        self.config = self.config.resolved(catalog=False)
         cfg = self.config
         say = log or (lambda *_: None)
         timings = {}
@@ -265,36 +256,34 @@ class Recommender:
             say(f"split ({split['method']}): {split['train']} products train the head, "
                 f"{split['validation']} validate it, {split['heldout']} are held out "
                 f"(all {len(clean)} are indexed)")
-        self.config = RunConfig.from_dict({**cfg.to_dict(), "dataset": "catalog",
-                                           "data_dir": None, "n_train": len(train),
-                                           "n_reco": len(clean),
-                                           "flip": cfg.flip is not False})
+        self.config = RunConfig.from_dict({
+            **cfg.resolved(catalog=True).to_dict(), "dataset": "catalog", "data_dir": None,
+            "n_train": len(train), "n_reco": len(clean)})
         cfg = self.config
         timings["setup_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         self.extractor_ = FeatureExtractor(model, info, cfg.extract_batch_size)
         digest = clean.content_digest()
-        feats, mirrored = self._catalog_features(clean, digest, cache_dir, progress)
+        views = self._catalog_features(clean, digest, cache_dir, progress)
         timings["extract_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         order = train[np.random.default_rng(cfg.seed).permutation(len(train))]
         val = np.flatnonzero(roles == "validation")
-        x_fit, y_fit = feats[order], y[order]
-        if mirrored is not None:  # mirrored copies are more products to learn from
-            both = np.random.default_rng(cfg.seed + 1).permutation(2 * len(order))
-            x_fit = np.concatenate([x_fit, mirrored[order]])[both]
-            y_fit = np.concatenate([y_fit, y_fit])[both]
+        # every view of a product (mirrored, cropped) is one more example to learn from
+        mix = np.random.default_rng(cfg.seed + 1).permutation(len(views) * len(order))
+        x_fit = np.concatenate([v[order] for v in views])[mix]
+        y_fit = np.concatenate([y[order]] * len(views))[mix]
         say(f"head: training on {len(order)} products of {len(class_names)} classes"
-            f"{' and their mirror images' if mirrored is not None else ''} "
+            f"{f' in {len(views)} views each' if len(views) > 1 else ''} "
             f"for {cfg.epochs} epochs")
         self.head_ = self._new_head(len(class_names), progress).fit(
-            x_fit, y_fit, validation_data=(feats[val], y[val]) if len(val) else None)
+            x_fit, y_fit, validation_data=(views[0][val], y[val]) if len(val) else None)
         timings["head_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        probs, embeddings = self.head_outputs(feats, mirrored)
+        probs, embeddings = self.head_outputs(views)
         val_acc = self.head_.history_.get("val_accuracy")
         held = np.flatnonzero(roles == "heldout")
         scores = {"head_val_accuracy": val_acc[-1] if val_acc else None,
@@ -414,7 +403,12 @@ class Recommender:
             raise FashionrecError(f"no trained run in {run_dir}; run `make train` first")
         meta = read_json(run_dir / RUN_FILE, "run file")
         try:
-            rec = cls(RunConfig.from_dict(meta["config"], check_paths=False))
+            config = dict(meta["config"])
+            if meta.get("dataset", {}).get("kind") == "catalog":
+                # runs made before these settings existed: letterboxed, not mirrored
+                config["image_fit"] = config.get("image_fit") or "pad"
+                config["flip"] = bool(config.get("flip"))
+            rec = cls(RunConfig.from_dict(config, check_paths=False))
             info = BackboneInfo.from_dict(meta["backbone"])
         except (KeyError, TypeError) as exc:
             raise FashionrecError(f"{run_dir / RUN_FILE} is not a fashionrec run ({exc})") from None
@@ -481,80 +475,91 @@ class Recommender:
     def query_image(self, query):
         """The image a query stands for (as the model sees it before resizing), and a
         dict describing the query."""
+        views, info = self._query(query)
+        return views[0], info
+
+    def _query(self, query):
+        """A query prepared for the backbone: ``(views, info)``, ``views`` one image per
+        way the run fits photos to the square (``(n_fits, S, S, 3)``; Fashion-MNIST
+        runs: ``(1, H, W)`` gray)."""
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             x_test, y_test = self.test_images()
             if not 0 <= int(query) < len(x_test):
                 raise FashionrecError(
                     f"test index {int(query)} is out of range 0..{len(x_test) - 1}")
             label = int(y_test[query])
-            return x_test[int(query)], {"kind": "test_index", "test_index": int(query),
-                                        "true_label": label,
-                                        "true_class": self.class_names[label]}
+            return x_test[int(query)][None], {"kind": "test_index", "test_index": int(query),
+                                              "true_label": label,
+                                              "true_class": self.class_names[label]}
         if isinstance(query, (str, Path)):
-            image = (read_image(query, self.config.image_size, self.config.image_fit)
-                     if self.is_catalog
-                     else load_image(query, self._image_shape()))
-            return image, {"kind": "file", "source": str(query)}
-        if isinstance(query, (bytes, bytearray)):  # an uploaded file, read like a file
-            img = decode_image(bytes(query), "upload")
-            image = (rgb_from_pil(img, self.config.image_size, self.config.image_fit)
-                     if self.is_catalog
-                     else gray_from_pil(img, self._image_shape()))
-            return image, {"kind": "upload", "source": "upload"}
-        if isinstance(query, np.ndarray):
-            image = (image_from_array(query, self.config.image_size, self.config.image_fit)
-                     if self.is_catalog
-                     else to_gray(query, self._image_shape()))
-            return image, {"kind": "array", "source": "array"}
-        raise FashionrecError(f"a query is a test index, an image path, image bytes or an "
-                              f"image array, not {type(query).__name__}")
+            img, info = open_image(query), {"kind": "file", "source": str(query)}
+        elif isinstance(query, (bytes, bytearray)):  # an uploaded file, read like a file
+            img, info = decode_image(bytes(query), "upload"), {"kind": "upload",
+                                                               "source": "upload"}
+        elif isinstance(query, np.ndarray):
+            if not self.is_catalog:
+                return to_gray(query, self._image_shape())[None], {"kind": "array",
+                                                                   "source": "array"}
+            img, info = pil_from_array(query), {"kind": "array", "source": "array"}
+        else:
+            raise FashionrecError(f"a query is a test index, an image path, image bytes or "
+                                  f"an image array, not {type(query).__name__}")
+        if self.is_catalog:
+            return fit_views(img, self.config.image_size, self.config.fits), info
+        return gray_from_pil(img, self._image_shape())[None], info
 
-    def head_outputs(self, feats, mirrored=None):
-        """Class probabilities and 512-d embeddings of backbone features; with the
-        features of the mirror images (a run with ``flip``), the mean of both."""
-        probs, emb = self.head_.predict_proba(feats), self.head_.embed(feats)
-        if mirrored is not None:
-            probs = (probs + self.head_.predict_proba(mirrored)) / 2
-            emb = (emb + self.head_.embed(mirrored)) / 2
+    def head_outputs(self, views):
+        """Class probabilities and 512-d embeddings from the backbone features of every
+        view of the same images (one array per view, :meth:`RunConfig.views`): the mean
+        over the views."""
+        probs = np.mean([self.head_.predict_proba(v) for v in views], axis=0)
+        emb = np.mean([self.head_.embed(v) for v in views], axis=0)
         return probs, emb
 
+    def _views(self):
+        """The views the run sees a product in (one for Fashion-MNIST runs)."""
+        return self.config.views() if self.config.dataset == "catalog" else [(None, False)]
+
     def _image_features(self, images, progress=False):
-        """Backbone features of prepared images (an array or lazy image files), and of
-        their mirror images when the run flips (else ``None``); one backbone pass for
-        a small array (a batch of photo queries)."""
-        if not self.config.flip:
-            return self.extractor.transform(images, progress), None
-        if isinstance(images, ImageFiles):
-            mirror = ImageFiles(images.paths, images.size, images.fit, mirror=True)
-            return (self.extractor.transform(images, progress),
-                    self.extractor.transform(mirror, progress))
+        """Backbone features of every view of some images, one array per view.
+
+        ``images``: a :class:`~fashionrec.catalog.Catalog` (its files are read once
+        per view), or prepared query images, ``(N, n_fits, S, S, 3)`` for a catalog
+        run (:meth:`_query`), ``(N, H, W)`` for Fashion-MNIST (one backbone pass for
+        all the views of a batch of photo queries)."""
+        views, cfg = self._views(), self.config
+        if isinstance(images, Catalog):
+            return [self.extractor.transform(images.images(cfg.image_size, fit, m), progress)
+                    for fit, m in views]
         images = np.asarray(images)
-        feats = self.extractor.transform(np.concatenate([images, images[:, :, ::-1]]), progress)
-        return feats[:len(images)], feats[len(images):]
+        if views == [(None, False)]:
+            return [self.extractor.transform(images, progress)]
+        batch = [images[:, cfg.fits.index(fit)] for fit, _ in views]
+        batch = [x[:, :, ::-1] if m else x for x, (_, m) in zip(batch, views, strict=True)]
+        feats = self.extractor.transform(np.concatenate(batch), progress)
+        return np.split(feats, len(views))
 
     def _catalog_features(self, catalog, digest, cache_dir=None, progress=True,
-                          name="catalog", mirrored=None):
-        """Features of a checked catalog's images (and of their mirror images when the
-        run flips), from the feature cache when it has them."""
-        cfg = self.config
-        flips = cfg.flip if mirrored is None else mirrored
-        out = []
-        for mirror in (False, True) if flips else (False,):
-            images = catalog.images(cfg.image_size, cfg.image_fit, mirror)
-            if cache_dir is None:
-                out.append(self.extractor.transform(images, progress))
-                continue
-            key = _cache_digest(digest, cfg.image_fit) if not mirror else hashlib.sha256(
-                f"{_cache_digest(digest, cfg.image_fit)}\0mirror".encode()).hexdigest()
+                          name="catalog"):
+        """Features of a checked catalog's images in every view of the run, from the
+        feature cache when it has them (one file per view)."""
+        if cache_dir is None:
+            return self._image_features(catalog, progress)
+        out, cfg = [], self.config
+        for fit, mirror in self._views():
+            images = catalog.images(cfg.image_size, fit, mirror)
+            plain = fit == "pad" and not mirror  # the key catalog runs always had
+            tag = f"{fit}{'-mirror' if mirror else ''}"
+            key = digest if plain else hashlib.sha256(f"{digest}\0{tag}".encode()).hexdigest()
             out.append(cached_features(self.extractor, images, cache_dir,
-                                       f"{name}-mirror" if mirror else name, progress,
+                                       name if plain else f"{name}-{tag}", progress,
                                        digest=key))
-        return out[0], (out[1] if flips else None)
+        return out
 
-    def catalog_features(self, cache_dir=None, progress=True, mirrored=None):
-        """Backbone features of every catalog item, in index-row order, and of their
-        mirror images (``mirrored``: default, when the run flips; else ``None``) — from
-        the run's feature cache when the catalog is the one it was trained on."""
+    def catalog_features(self, cache_dir=None, progress=True):
+        """Backbone features of every catalog item, in index-row order, one array per
+        view of the run (the first: the photo as fitted first, not mirrored) — from the
+        run's feature cache when the catalog is the one it was trained on."""
         index = self.index_
         if not self.is_catalog or index.paths is None:
             raise FashionrecError("only a product-catalog run has catalog image files")
@@ -570,7 +575,7 @@ class Recommender:
         digest = cat.content_digest()
         trained = digest == self.metadata_["dataset"].get("content_sha256")
         return self._catalog_features(cat, digest, cache_dir, progress,
-                                      "catalog" if trained else "catalog-now", mirrored)
+                                      "catalog" if trained else "catalog-now")
 
     def _image_shape(self):
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]
@@ -657,16 +662,19 @@ class Recommender:
         for i, req in enumerate(requests):
             try:
                 _check_k(req.get("k", 6))
-                image, info = self.query_image(req["query"])
-                prepared.append((i, image, info))
+                views, info = self._query(req["query"])
+                prepared.append((i, views, info))
             except FashionrecError as exc:
                 results[i] = exc
         if not prepared:
             return results
-        probs, emb = self.head_outputs(
-            *self._image_features(np.stack([image for _, image, _ in prepared])))
+        views = np.stack([v for _, v, _ in prepared])
+        if not self.is_catalog:
+            views = views[:, 0]
+        probs, emb = self.head_outputs(self._image_features(views))
         vectors = index.transform(emb)
         for (i, image, info), p, vector in zip(prepared, probs, vectors, strict=True):
+            image = image[0]  # shown as the photo was fitted first
             req, pred = requests[i], int(p.argmax())
             info.update(predicted_label=pred, predicted_class=self.class_names[pred],
                         probability=float(p[pred]))
@@ -776,12 +784,11 @@ class Recommender:
             say("add: no usable new products")
             return result
         if self.is_catalog:
-            images = clean.images(self.config.image_size, self.config.image_fit)
-            stored_images = None
+            images, stored_images = clean, None
         else:  # a Fashion-MNIST catalog stores 28x28 gray images; the new items too
             stored_images = np.stack([load_image(p, self._image_shape()) for p in clean.paths])
             images = stored_images
-        probs, emb = self.head_outputs(*self._image_features(images, progress))
+        probs, emb = self.head_outputs(self._image_features(images, progress))
         predicted = probs.argmax(axis=1)
         labels = [int(p) if lab is None else lab for lab, p in zip(labels, predicted, strict=True)]
         part = CatalogIndex(

@@ -100,7 +100,7 @@ def test_split_folder_run_never_trains_on_test_or_validation(tmp_path, fitted_wi
     rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
                                           progress=False, log=None)
     assert len(rec.index_) == 42  # every split is indexed
-    feats, _ = rec.catalog_features(progress=False, mirrored=False)
+    feats = rec.catalog_features(progress=False)[0]
     (call,) = fitted_with
     trained = _rows_of(feats, call["X"])
     assert sorted(str(rec.index_.ids[r]) for r in trained) == sorted(ids["train"])
@@ -122,7 +122,7 @@ def test_holdout_run_records_and_reloads_its_held_out_products(tmp_path, fitted_
     rec.save(run_dir)
     held = rec.split_.heldout_ids
     assert len(held) == 6 and rec.metadata_["dataset"]["split"]["train"] == 18
-    feats, _ = rec.catalog_features(run_dir / "features", progress=False, mirrored=False)
+    feats = rec.catalog_features(run_dir / "features", progress=False)[0]
     trained = {str(rec.index_.ids[r]) for r in _rows_of(feats, fitted_with[0]["X"])}
     assert trained.isdisjoint(held) and len(trained) == 18
     assert all(rec.index_.row_of(i) is not None for i in held)  # held out, still indexed
@@ -143,8 +143,8 @@ def _toy_run(split_ids):
     split = None if split_ids is None else SimpleNamespace(heldout_ids=split_ids)
     return SimpleNamespace(
         index_=index, split_=split, is_catalog=True,
-        head_outputs=lambda f, m: (np.eye(2)[np.zeros(len(f), dtype=int)], None),
-        catalog_features=lambda cache_dir, progress: (raw, None))
+        head_outputs=lambda views: (np.eye(2)[np.zeros(len(views[0]), dtype=int)], None),
+        catalog_features=lambda cache_dir, progress: [raw])
 
 
 def test_catalog_evaluation_by_hand():
@@ -255,8 +255,8 @@ def test_flip_trains_on_mirror_images_and_a_photo_equals_its_mirror(tmp_path, fi
     from PIL import Image, ImageOps
 
     ids = make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
-    rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
-                                          progress=False, log=None)
+    rec = Recommender(**TINY, image_fit="pad").fit_catalog(
+        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
     assert rec.config.flip is True and rec.metadata_["dataset"]["flip"] is True
     assert len(fitted_with[0]["X"]) == 2 * len(ids["train"])
     photo = tmp_path / "shop" / ids["test"][0]
@@ -266,8 +266,55 @@ def test_flip_trains_on_mirror_images_and_a_photo_equals_its_mirror(tmp_path, fi
     assert [i.id for i in a.items] == [i.id for i in b.items]
     np.testing.assert_allclose([i.distance for i in a.items], [i.distance for i in b.items],
                                rtol=1e-4, atol=1e-4)
-    off = Recommender(**TINY, flip=False).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
-                                                      progress=False, log=None)
+    off = Recommender(**TINY, image_fit="pad", flip=False).fit_catalog(
+        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
     assert off.config.flip is False and len(fitted_with[1]["X"]) == len(ids["train"])
-    with pytest.raises(FashionrecError, match="flip is for product-catalog runs"):
+    with pytest.raises(FashionrecError, match="are for product-catalog runs"):
         Recommender(**TINY, flip=True).fit(log=None)
+
+
+def test_several_fits_are_views_cached_once_each(tmp_path, fitted_with):
+    """The catalog default, ``image_fit="pad+crop"`` with flip: four views per product (letterboxed, cropped,
+    each mirrored), each extracted once into its own cache file; a retrain reuses them."""
+    make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
+    run = tmp_path / "run"
+    cat = Catalog.from_folder(tmp_path / "shop")
+    rec = Recommender(**TINY).fit_catalog(cat, cache_dir=run / "features", progress=False,
+                                          log=None)  # the catalog default: pad+crop, flip
+    assert rec.config.image_fit == "pad+crop" and rec.config.views() == [("pad", False), ("pad", True), ("crop", False),
+                                  ("crop", True)]
+    assert len(fitted_with[0]["X"]) == 4 * 18
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (run / "features").iterdir())
+    assert names == ["catalog", "catalog-crop", "catalog-crop-mirror", "catalog-pad-mirror"]
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()}
+    Recommender(**TINY).fit_catalog(cat, cache_dir=run / "features", progress=False, log=None)
+    assert {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()} == stamps
+    with pytest.raises(FashionrecError, match="image_fit must be one or more of"):
+        Recommender(**TINY, image_fit="pad+squash")
+
+
+def test_unset_settings_take_the_kind_of_runs_defaults(tmp_path):
+    """Fashion-MNIST keeps the design card's recipe; catalogs get the measured defaults;
+    what was used is recorded; a catalog run from before these settings reloads as
+    letterboxed and unmirrored."""
+    from fashionrec import RunConfig
+    from fashionrec.config import CATALOG_DEFAULTS
+
+    recipe = RunConfig().resolved()
+    assert (recipe.epochs, recipe.learning_rate, recipe.flip) == (32, 4e-4, False)
+    shop = RunConfig().resolved(catalog=True)
+    assert shop.epochs == CATALOG_DEFAULTS["epochs"] and shop.image_fit == "pad+crop"
+    assert RunConfig(epochs=5).resolved(catalog=True).epochs == 5  # given: kept
+    make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
+    run = tmp_path / "run"
+    rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
+                                          progress=False, log=None)
+    rec.save(run)
+    saved = read_json(run / "run.json")["config"]
+    assert saved["learning_rate"] == CATALOG_DEFAULTS["learning_rate"] and saved["flip"] is True
+    meta = read_json(run / "run.json")
+    meta["config"].pop("image_fit")
+    meta["config"].pop("flip")
+    (run / "run.json").write_text(json.dumps(meta))
+    old = Recommender.load(run)
+    assert old.config.image_fit == "pad" and old.config.flip is False
