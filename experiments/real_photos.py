@@ -237,10 +237,9 @@ def exp_lr(args):
     """The head's learning rate and epochs, on the four views (pad, crop, mirrored)."""
     views = [features(fit, args.size, mirror=m) for fit in ("pad", "crop") for m in (False, True)]
     rows = {}
-    for lr in (4e-4, 1e-4, 5e-5):
-        for epochs in (32, 64):
-            rows[f"lr {lr:g}, {epochs} epochs"] = run_setting(views[0], views=views,
-                                                             epochs=epochs, learning_rate=lr)
+    for lr, epochs in ((4e-4, 32), (4e-4, 64), (1e-4, 64), (5e-5, 64)):
+        rows[f"lr {lr:g}, {epochs} epochs"] = run_setting(views[0], views=views, epochs=epochs,
+                                                         learning_rate=lr)
     write("lr", rows, TUNING + "; views: pad, crop, each with its mirror; dropout 0.7")
 
 

@@ -118,12 +118,12 @@ class Catalog:
                 continue  # hidden files and folders (.DS_Store, .git, our temp files)
             item = {"id": rel.as_posix(), "path": str(path)}
             folders = rel.parts[:-1]
-            if split_names:
-                if not folders:
-                    skipped.append(_skip(item, "no split folder",
-                                         f"not inside one of {', '.join(split_names)}"))
-                    continue
-                split, folders = SPLIT_FOLDERS[folders[0]], folders[1:]
+            if split_names and not folders and path.suffix.lower() in IMAGE_EXTENSIONS:
+                skipped.append(_skip(item, "no split folder",
+                                     f"not inside one of {', '.join(split_names)}"))
+                continue
+            if split_names and folders:
+                split, folders = SPLIT_FOLDERS[folders[0].lower()], folders[1:]
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(_skip(item, "not an image file",
                                      f"extension {path.suffix or '(none)'} is not one of "

@@ -43,7 +43,7 @@ def history_figure(history, title="head training"):
     return fig
 
 
-def _short(item_id, width=26):
+def _short(item_id, width=24):
     """An id that fits under a thumbnail: a long path keeps its last whole levels."""
     text = str(item_id)
     if len(text) <= width:
@@ -73,7 +73,7 @@ def recommendation_figure(recommendation, query_image, item_image):
     """The figure of :func:`plot_recommendation`: one panel per image."""
     items = recommendation.items
     q = recommendation.query
-    fig = Figure(figsize=(2.0 * (len(items) + 1), 2.9))
+    fig = Figure(figsize=(2.4 * (len(items) + 1), 2.9))
     axes = fig.subplots(1, len(items) + 1, squeeze=False)[0]
     if q["kind"] == "test_index":
         qtitle = f"query #{q['test_index']}\n{q['true_class']}\n(pred. {q['predicted_class']})"
