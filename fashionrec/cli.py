@@ -17,6 +17,7 @@ from .config import (
     CATALOG_DEFAULTS,
     DATASET_NAMES,
     FITS,
+    POOLINGS,
     RECIPE_DEFAULTS,
     SEARCH_CHOICES,
     RunConfig,
@@ -97,6 +98,11 @@ def build_parser():
     t.add_argument("--backbone", default=d["backbone"].default,
                    help="resnet50, or a saved .keras model mapping (N,H,W,3) images to "
                         "(N,D) vectors (default: %(default)s)")
+    t.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="how the backbone's last feature map becomes a vector: avg (global "
+                        "average) or gem (generalized mean, p=3) (default: "
+                        f"{RECIPE_DEFAULTS['pooling']}; product catalogs "
+                        f"{CATALOG_DEFAULTS['pooling']})")
     t.add_argument("--seed", type=int, default=d["seed"].default,
                    help="random seed (default: %(default)s)")
     t.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
@@ -315,7 +321,8 @@ def cmd_train(args):
     cfg = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
         n_reco=args.n_reco, image_size=args.image_size, epochs=args.epochs,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, dropout=args.dropout,
+        pooling=args.pooling, weights=args.weights,
         backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
@@ -353,7 +360,7 @@ def _train_catalog(args):
                               f"readable product trains the head and is indexed")
     cfg = RunConfig(
         image_size=args.image_size, image_fit=args.image_fit, flip=args.flip,
-        epochs=args.epochs, learning_rate=args.learning_rate,
+        epochs=args.epochs, learning_rate=args.learning_rate, pooling=args.pooling,
         batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
         backbone=args.backbone,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),

@@ -14,8 +14,11 @@ FITS = ("pad", "crop", "resize")  # how a photo is fitted to the model's square 
 # What a setting left at None means, by kind of run. Fashion-MNIST: the design card's
 # recipe. Product catalogs: chosen on clothing-dataset-small's validation/ photos
 # (experiments/real_photos.py; results in experiments/results/real_*.md).
-RECIPE_DEFAULTS = {"epochs": 32, "learning_rate": 4e-4, "image_fit": None, "flip": False}
-CATALOG_DEFAULTS = {"epochs": 64, "learning_rate": 5e-5, "image_fit": "pad+crop", "flip": True}
+RECIPE_DEFAULTS = {"epochs": 32, "learning_rate": 4e-4, "image_fit": None, "flip": False,
+                   "pooling": "avg"}
+CATALOG_DEFAULTS = {"epochs": 64, "learning_rate": 5e-5, "image_fit": "pad+crop", "flip": True,
+                    "pooling": "gem"}
+POOLINGS = ("avg", "gem")
 SEARCH_CHOICES = ("auto", "exact", "hnsw")
 
 
@@ -45,6 +48,10 @@ class RunConfig:
             is the mean of the two. ``None`` (default): on for product catalogs
             (measured better on real photos: ``experiments/real_photos.py flip``), off
             for Fashion-MNIST (the design card's recipe). A run records the values used.
+        pooling: how the backbone's last feature map becomes a vector: ``"avg"``
+            (global average pooling, the recipe) or ``"gem"`` (generalized mean, p=3).
+            ``None`` (default): ``avg`` for Fashion-MNIST, ``gem`` for product catalogs
+            (measured better on real photos: ``experiments/real_photos.py pooling``).
         epochs, batch_size, learning_rate, dropout, validation_split: head training;
             ``epochs`` and ``learning_rate`` left at ``None`` take the kind of run's
             default (:meth:`resolved`): 32 and 4e-4 for Fashion-MNIST (the recipe), 64
@@ -67,6 +74,7 @@ class RunConfig:
     image_size: int = 224
     image_fit: str | None = None
     flip: bool | None = None
+    pooling: str | None = None
     epochs: int | None = None
     batch_size: int = 64
     learning_rate: float | None = None
@@ -111,6 +119,9 @@ class RunConfig:
             if not all(p in FITS for p in parts) or len(set(parts)) < len(parts):
                 raise FashionrecError(f"image_fit must be one or more of {', '.join(FITS)} "
                                       f"joined by '+', got {self.image_fit!r}")
+        if self.pooling not in (None, *POOLINGS):
+            raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, "
+                                  f"got {self.pooling!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if self.search not in SEARCH_CHOICES:

@@ -263,9 +263,11 @@ def _evaluate_catalog(rec, cache_dir, ks, progress, say):
             f"training; scoring the {len(rows)} still in the catalog")
     optimistic = len(rows) == 0
     if optimistic:
-        say("evaluate: this run has no held-out products (train with split folders or "
-            "--holdout 0.2 for an honest score); scoring every product against the rest "
-            "(leave-one-out), which is OPTIMISTIC: these products trained the head")
+        why = ("all its held-out products were removed" if len(wanted) else
+               "this run has no held-out products")
+        say(f"evaluate: {why} (train with split folders or --holdout 0.2 for an honest "
+            f"score); scoring every product against the rest (leave-one-out), which is "
+            f"OPTIMISTIC: these products trained the head")
         rows = np.arange(len(index))
     name = "catalog_loo" if optimistic else "heldout"
     say(f"evaluate: {len(rows)} {'catalog' if optimistic else 'held-out'} products query "

@@ -50,6 +50,7 @@ class BackboneInfo:
     weights_hash: str | None = None  # its SHA-256 (the published MD5 for ImageNet)
     seed: int | None = None  # random init (weights "none")
     note: str = ""  # e.g. why the stand-in was used
+    pooling: str = "avg"  # how the last feature map becomes a vector: "avg" or "gem"
 
     @property
     def fingerprint(self):
@@ -58,6 +59,8 @@ class BackboneInfo:
                self.seed, self.image_size, self.feature_dim]
         if self.model_sha256 and self.weights_hash:
             key.append(self.weights_hash)
+        if self.pooling != "avg":  # average-pooled runs keep the fingerprint they had
+            key.append(self.pooling)
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def describe(self):
@@ -68,14 +71,15 @@ class BackboneInfo:
             "file": f"weights from {self.weights_path}",
             "saved-model": "weights saved in the model",
         }[self.weights]
-        return f"{what}, {weights}, {self.feature_dim}-d features at {self.image_size} px"
+        pooled = ", GeM-pooled (p=3)" if self.pooling == "gem" else ""
+        return f"{what}, {weights}, {self.feature_dim}-d features{pooled} at {self.image_size} px"
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**d)
+        return cls(**d)  # runs saved before pooling was a choice get "avg"
 
 
 def fetch_imagenet_weights(cache_dir=None, timeout=30):
@@ -109,6 +113,41 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
             f"downloaded ({short_reason(exc)})"
         ) from None
     return target
+
+
+POOLINGS = ("avg", "gem")
+GEM_P = 3.0
+
+
+def gem_pooling_layer():
+    """Generalized-mean pooling, ``(mean(x^p))^(1/p)`` over the spatial axes with p = 3
+    (Radenović et al.): between average (p=1) and max pooling, it weighs the strongest
+    activations of a feature map more, which sharpens retrieval features."""
+    import keras
+
+    class GeMPooling2D(keras.layers.Layer):
+        def call(self, x):
+            ops = keras.ops
+            x = ops.power(ops.maximum(x, 1e-6), GEM_P)
+            return ops.power(ops.mean(x, axis=(1, 2)), 1.0 / GEM_P)
+
+    return GeMPooling2D(name="gem_pool")
+
+
+def with_pooling(model, pooling, source="the backbone"):
+    """``model`` (ending in global average pooling) with that pooling replaced:
+    ``"avg"`` keeps it, ``"gem"`` pools the same feature map with GeM."""
+    import keras
+
+    if pooling not in POOLINGS:
+        raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling == "avg":
+        return model
+    last = model.layers[-1]
+    if not isinstance(last, keras.layers.GlobalAveragePooling2D):
+        raise FashionrecError(f"GeM pooling needs {source} to end in global average "
+                              f"pooling over a feature map; it ends in {type(last).__name__}")
+    return keras.Model(model.input, gem_pooling_layer()(last.input), name=f"{model.name}_gem")
 
 
 def find_standin():
@@ -169,7 +208,7 @@ def _resnet50(weights, image_size, seed):
 
 
 def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed=1234,
-                   cache_dir=None, allow_standin=True, log=print):
+                   cache_dir=None, allow_standin=True, log=print, pooling="avg"):
     """Build the backbone a run asks for; return ``(model, BackboneInfo)``.
 
     Args:
@@ -183,12 +222,26 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
             ``../shared/models/resnet50_conv4_imagenet.keras`` when the official
             weights are unavailable.
         log: where to say which backbone is used (``None`` for silence).
+        pooling: ``"avg"`` (global average pooling, the recipe) or ``"gem"``
+            (generalized mean over the same feature map).
 
     Example:
         >>> model, info = build_backbone(weights="none", image_size=32)  # doctest: +SKIP
         >>> info.feature_dim
         2048
     """
+    if pooling not in POOLINGS:
+        raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    model, info = _build_backbone(backbone, weights, image_size, seed, cache_dir,
+                                  allow_standin, log)
+    if pooling != "avg":
+        model = with_pooling(model, pooling, info.model_path or "ResNet50")
+        info.pooling = pooling
+    (log or (lambda *_: None))(f"backbone: {info.describe()}")
+    return model, info
+
+
+def _build_backbone(backbone, weights, image_size, seed, cache_dir, allow_standin, log):
     say = log or (lambda *_: None)
     if backbone != "resnet50":
         path = Path(backbone)
@@ -203,7 +256,6 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
             _load_weights(model, weights, backbone)
             info.weights = "file"
             info.weights_path, info.weights_hash = str(Path(weights).resolve()), sha256_file(weights)
-        say(f"backbone: {info.describe()}")
         return model, info
 
     if weights == "none":
@@ -228,7 +280,6 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
             info = BackboneInfo("custom", "saved-model", dim, image_size,
                                 model_path=str(standin), model_sha256=sha256_file(standin),
                                 note=note)
-            say(f"backbone: {info.describe()}")
             return model, info
         model = _resnet50(str(path), image_size, seed)
         info = BackboneInfo("resnet50", "imagenet", 2048, image_size,
@@ -238,7 +289,6 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
         info = BackboneInfo("resnet50", "file", 2048, image_size,
                             weights_path=str(Path(weights).resolve()),
                             weights_hash=sha256_file(weights))
-    say(f"backbone: {info.describe()}")
     return model, info
 
 
@@ -259,6 +309,7 @@ def rebuild_backbone(info, log=None):
         if info.weights == "file":
             _load_weights(model, _check_same_file(info.weights_path, info.weights_hash),
                           model_path)
+    model = with_pooling(model, info.pooling, info.model_path or "ResNet50")
     if log:
         log(f"backbone: {info.describe()}")
     return model

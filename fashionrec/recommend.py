@@ -153,7 +153,7 @@ class Recommender:
         t0 = time.perf_counter()
         # The backbone is resolved first, so a missing one stops us before long work.
         model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
-                                     log=say)
+                                     log=say, pooling=cfg.pooling)
         if dataset is None:
             dataset = load_dataset(cfg.dataset, cfg.data_dir)
         if cfg.n_train > len(dataset.x_train):
@@ -235,7 +235,7 @@ class Recommender:
         if catalog.splits is not None and holdout:
             assign_splits(catalog, holdout)  # the one-line refusal, before any long work
         model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
-                                     log=say)
+                                     log=say, pooling=cfg.resolved(catalog=True).pooling)
         if any(label is None for label in catalog.labels):
             raise FashionrecError("every catalog item needs a class to train on")
         clean, self.report_ = catalog.check(min_class_size, progress)
@@ -408,6 +408,7 @@ class Recommender:
                 # runs made before these settings existed: letterboxed, not mirrored
                 config["image_fit"] = config.get("image_fit") or "pad"
                 config["flip"] = bool(config.get("flip"))
+            config["pooling"] = meta.get("backbone", {}).get("pooling", "avg")
             rec = cls(RunConfig.from_dict(config, check_paths=False))
             info = BackboneInfo.from_dict(meta["backbone"])
         except (KeyError, TypeError) as exc:

@@ -184,3 +184,25 @@ def test_custom_backbone_with_weights_file_rebuilds_and_notices_changes(tmp_path
     weights.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(FashionrecError, match="has changed since training"):
         ex.rebuild_backbone(info)
+
+
+def test_gem_pooling_pools_the_same_feature_map(tmp_path):
+    """``pooling="gem"``: (mean(x^3))^(1/3) of the map the average pooling would see,
+    a different fingerprint (feature caches never mix), rebuilt the same from the run's
+    record; a backbone without a final average pooling is refused in one line."""
+    from fashionrec.extract import BackboneInfo, rebuild_backbone, with_pooling
+
+    avg, info_avg = build_backbone(weights="none", image_size=32, log=None)
+    gem, info_gem = build_backbone(weights="none", image_size=32, log=None, pooling="gem")
+    assert info_gem.pooling == "gem" and info_gem.fingerprint != info_avg.fingerprint
+    x = np.random.default_rng(0).uniform(-100, 100, (2, 32, 32, 3)).astype("float32")
+    fmap = np.asarray(keras.Model(avg.input, avg.layers[-1].input)(x))
+    expected = np.mean(np.maximum(fmap, 1e-6) ** 3, axis=(1, 2)) ** (1 / 3)
+    np.testing.assert_allclose(np.asarray(gem(x)), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(avg(x)), fmap.mean(axis=(1, 2)), rtol=1e-4,
+                               atol=1e-6)
+    again = rebuild_backbone(BackboneInfo.from_dict(info_gem.to_dict()))
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(gem(x)), rtol=1e-5)
+    flat = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()])
+    with pytest.raises(FashionrecError, match="GeM pooling needs"):
+        with_pooling(flat, "gem")

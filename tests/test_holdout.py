@@ -301,7 +301,8 @@ def test_unset_settings_take_the_kind_of_runs_defaults(tmp_path):
     from fashionrec.config import CATALOG_DEFAULTS
 
     recipe = RunConfig().resolved()
-    assert (recipe.epochs, recipe.learning_rate, recipe.flip) == (32, 4e-4, False)
+    assert (recipe.epochs, recipe.learning_rate, recipe.flip, recipe.pooling) == (
+        32, 4e-4, False, "avg")
     shop = RunConfig().resolved(catalog=True)
     assert shop.epochs == CATALOG_DEFAULTS["epochs"] and shop.image_fit == "pad+crop"
     assert RunConfig(epochs=5).resolved(catalog=True).epochs == 5  # given: kept
@@ -312,9 +313,22 @@ def test_unset_settings_take_the_kind_of_runs_defaults(tmp_path):
     rec.save(run)
     saved = read_json(run / "run.json")["config"]
     assert saved["learning_rate"] == CATALOG_DEFAULTS["learning_rate"] and saved["flip"] is True
+    assert saved["pooling"] == "gem" == read_json(run / "run.json")["backbone"]["pooling"]
+    assert Recommender.load(run).recommend(item=rec.index_.ids[0], k=3).items  # rebuilt
     meta = read_json(run / "run.json")
     meta["config"].pop("image_fit")
     meta["config"].pop("flip")
     (run / "run.json").write_text(json.dumps(meta))
     old = Recommender.load(run)
     assert old.config.image_fit == "pad" and old.config.flip is False
+
+
+def test_removed_held_out_products_are_said_and_skipped():
+    messages = []
+    res = evaluate(_toy_run(["v", "gone"]), ks=(1, 2), progress=False, log=messages.append)
+    assert res["heldout"]["n_queries"] == 1 and not res["optimistic"]
+    assert any("1 held-out product(s) were removed" in m for m in messages)
+    messages.clear()
+    res = evaluate(_toy_run(["gone"]), ks=(1, 2), progress=False, log=messages.append)
+    assert res["optimistic"] and any("all its held-out products were removed" in m
+                                     for m in messages)
