@@ -453,11 +453,6 @@ def decode_image(data, name="image"):
     return _decode(data, name)
 
 
-def rgb_from_pil(img, size=None, fit="pad"):
-    """A decoded PIL image as RGB uint8, prepared like :func:`read_image`."""
-    return _to_rgb(img, size, fit)
-
-
 def open_image(path):
     """An image file fully decoded (PIL), EXIF rotation applied; a missing, empty,
     truncated or foreign file is a one-line :class:`FashionrecError`."""
@@ -478,10 +473,10 @@ def read_image(path, size=None, fit="pad", mirror=False):
     return _to_rgb(open_image(path), size, fit, mirror)
 
 
-def image_from_array(image, size=None, fit="pad"):
+def image_from_array(image, size=None):
     """An image array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
     0-255) prepared exactly like an image file by :func:`read_image`."""
-    return _to_rgb(pil_from_array(image), size, fit)
+    return _to_rgb(pil_from_array(image), size)
 
 
 def pil_from_array(image):

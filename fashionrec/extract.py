@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_path, file_digest, sha256_file, short_reason
-from .config import shared_dirs
+from .config import POOLINGS, shared_dirs
 from .errors import FashionrecError
 
 WEIGHTS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -115,7 +115,6 @@ def fetch_imagenet_weights(cache_dir=None, timeout=30):
     return target
 
 
-POOLINGS = ("avg", "gem")
 GEM_P = 3.0
 
 
