@@ -1,6 +1,7 @@
 # fashionrec — thin wrappers over the CLI. Every variable is optional:
 #   make train DATASET=fashion_mnist N_TRAIN=15000 N_RECO=5000 IMAGE_SIZE=224 EPOCHS=32 \
-#              BATCH_SIZE=64 WEIGHTS=imagenet BACKBONE=resnet50 SEARCH=auto RUN_DIR=runs/default
+#              BATCH_SIZE=64 WEIGHTS=imagenet BACKBONE=resnet50 SEARCH=auto RUN_DIR=runs/default \
+#              ENGINE=auto PRECISION=auto   # keras|openvino, float32|bfloat16
 #   make index SEARCH=hnsw     # search a trained run with a FAISS HNSW graph
 #   make compact               # fold added/removed products into the base index
 #   make recommend IDX=5033 K=6
@@ -19,6 +20,8 @@ BATCH_SIZE ?= 64
 WEIGHTS    ?= imagenet
 BACKBONE   ?= resnet50
 SEARCH     ?= auto
+ENGINE     ?= auto
+PRECISION  ?= auto
 RUN_DIR    ?= runs/default
 IDX        ?= 5033
 K          ?= 6
@@ -42,6 +45,8 @@ REAL_ITEMS ?= test/dress/06a00c0f-5f9a-410d-a7da-3881a9df3a71.jpg \
               test/pants/01033304-f9a4-48c4-af65-677512880fae.jpg \
               test/outwear/0028956e-9962-46f0-ad45-2c42f8a59d94.jpg
 
+# extras installed by `make install`: add gpu for an NVIDIA GPU (EXTRAS=dev,ann,serve,gpu,...)
+EXTRAS     ?= dev,ann,serve,openvino,ray
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 
@@ -52,14 +57,18 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ann,serve]'
+	# TensorFlow is now the `tensorflow` wheel (CPU, and GPU with the gpu extra); an older
+	# venv's tensorflow-cpu shares its files, so it goes first
+	! $(BIN)/python -m pip show -q tensorflow-cpu 2>/dev/null || \
+	  $(BIN)/python -m pip uninstall -y -q tensorflow-cpu
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 train: $(STAMP)
 	$(BIN)/fashionrec train --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	  --n-train $(N_TRAIN) --n-reco $(N_RECO) --image-size $(IMAGE_SIZE) --epochs $(EPOCHS) \
 	  --batch-size $(BATCH_SIZE) --weights $(WEIGHTS) --backbone $(BACKBONE) --search $(SEARCH) \
-	  --run-dir $(RUN_DIR)
+	  --engine $(ENGINE) --precision $(PRECISION) --run-dir $(RUN_DIR)
 
 # how a trained run is searched (SEARCH=exact|hnsw|auto), without retraining
 index: $(STAMP)
@@ -90,7 +99,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_extract.py --sizes 32,64,112,224
+	$(BIN)/python experiments/bench_extract.py --sizes 112,224
+	$(BIN)/python experiments/bench_extract.py memory
+	$(BIN)/python experiments/bench_ray.py
 	$(BIN)/python experiments/embeddings.py --size 64
 	$(BIN)/python experiments/bench_query.py
 	$(BIN)/python experiments/bench_update.py

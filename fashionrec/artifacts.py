@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .errors import FashionrecError
 
-_PACKAGES = ("fashionrec", "keras", "numpy", "scikit-learn", "scipy", "h5py")
+_PACKAGES = ("fashionrec", "keras", "numpy", "scikit-learn", "scipy", "h5py", "openvino")
 
 
 @contextlib.contextmanager
@@ -111,9 +111,9 @@ def package_versions():
     return out
 
 
-def cpu_description():
-    """This machine's CPU for benchmark records: model, cores and the vector/matrix
-    extensions that decide float32/bf16 speed (from ``/proc/cpuinfo`` on Linux)."""
+def cpu_info():
+    """``(model name, flags)`` of this machine's CPU (``/proc/cpuinfo`` on Linux; the
+    flags are empty elsewhere)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -125,6 +125,13 @@ def cpu_description():
                 break
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_description():
+    """This machine's CPU for benchmark records: model, cores and the vector/matrix
+    extensions that decide float32/bf16 speed."""
+    model, flags = cpu_info()
     wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
               "amx_tile": "AMX"}
     have = [name for flag, name in wanted.items() if flag in flags]

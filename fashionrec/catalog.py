@@ -240,19 +240,23 @@ class Catalog:
                        sha256=None if self.sha256 is None else pick(self.sha256),
                        splits=None if self.splits is None else pick(self.splits))
 
-    def check(self, min_class_size=1, progress=True):
-        """Read every image once; return ``(clean catalog, report)``.
+    def check(self, min_class_size=1, progress=True, decode=True):
+        """Read every image file once; return ``(clean catalog, report)``.
 
         Unreadable images, and (when ``min_class_size`` > 1) every item of a class
         with fewer images than that, are left out and listed in the report. The
         clean catalog knows each file's SHA-256 (the feature cache is keyed by them).
+        With ``decode=False`` only each file's header is read (missing, empty and
+        non-image files are caught, a truncated one is not): training decodes every
+        image once, in the extractor's background workers, and reports those there
+        (:func:`drop_failed`).
         """
         keep, digests, skipped = [], [], list(self.skipped)
         for i in tqdm(range(len(self)), desc="check images", unit="img", disable=not progress,
                       dynamic_ncols=True):
             item = {"id": self.ids[i], "path": str(self.paths[i])}
             try:
-                digest = verify_image(self.paths[i])
+                digest = verify_image(self.paths[i], decode)
             except FashionrecError as exc:
                 kind = "unreadable image" if self.paths[i].is_file() else "image file missing"
                 skipped.append(_skip(item, kind, str(exc)))
@@ -284,6 +288,20 @@ class Catalog:
         }
         return clean, report
 
+    def drop_failed(self, failed, report):
+        """This (checked) catalog without the rows in ``failed`` (row -> reason: images
+        that did not decode during extraction), and ``report`` updated to say so."""
+        if not failed:
+            return self, report
+        skipped = [_skip({"id": self.ids[r], "path": str(self.paths[r])}, "unreadable image",
+                         reason) for r, reason in sorted(failed.items())]
+        clean = self.subset([i for i in range(len(self)) if i not in failed])
+        counts = Counter(label for label in clean.labels if label is not None)
+        all_skipped = report["skipped"] + skipped
+        return clean, {**report, "n_ok": len(clean), "n_skipped": len(all_skipped),
+                       "skipped_by_kind": dict(Counter(s["kind"] for s in all_skipped)),
+                       "class_counts": dict(sorted(counts.items())), "skipped": all_skipped}
+
     def content_digest(self):
         """One SHA-256 over all image files, in order (after :meth:`check`)."""
         if self.sha256 is None:
@@ -293,9 +311,11 @@ class Catalog:
             h.update(f"{item_id}\0{digest}\n".encode())
         return h.hexdigest()
 
-    def images(self, size, fit="pad", mirror=False):
-        """The images as a lazy ``(N, size, size, 3)`` uint8 sequence (decoded per batch)."""
-        return ImageFiles(self.paths, size, fit, mirror)
+    def images(self, size, fit="pad", mirror=False, views=None):
+        """The images as a lazy ``(N, size, size, 3)`` uint8 sequence (decoded per batch);
+        with ``views`` (``(fit, mirror)`` pairs) ``(N, len(views), size, size, 3)``, each
+        file decoded once for all of them."""
+        return ImageFiles(self.paths, size, fit, mirror, views)
 
 
 def split_folders(root):
@@ -459,11 +479,34 @@ def open_image(path):
     return _decode(_read_bytes(path), path)
 
 
-def verify_image(path):
-    """Read and decode ``path``; return its SHA-256, or raise a one-line error."""
+def verify_image(path, decode=True):
+    """Read and decode ``path`` (with ``decode=False``: only identify its format from
+    the header); return its SHA-256, or raise a one-line error."""
     data = _read_bytes(path)
-    _decode(data, path)
+    if decode:
+        _decode(data, path)
+    else:
+        _identify(data, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def _identify(data, path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise FashionrecError(f"cannot read image {path} (empty file)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if min(img.size) < 1:
+                raise FashionrecError(f"cannot read image {path} (empty image)")
+    except UnidentifiedImageError:
+        raise FashionrecError(f"cannot read image {path} (not a JPEG, PNG or WebP image, "
+                              f"or its header is corrupt)") from None
+    except FashionrecError:
+        raise
+    except Exception as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise FashionrecError(f"cannot read image {path} ({msg})") from None
 
 
 def read_image(path, size=None, fit="pad", mirror=False):
@@ -518,7 +561,13 @@ def fit_square(img, size, fit="pad"):
 
 
 def _to_rgb(img, size, fit="pad", mirror=False):
-    from PIL import Image, ImageOps
+    return _fit_rgb(_rgb(img), size, fit, mirror)
+
+
+def _rgb(img):
+    """A decoded PIL image as RGB: transparency composited on white, 16-bit or float
+    gray stretched to 0-255."""
+    from PIL import Image
 
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -528,9 +577,13 @@ def _to_rgb(img, size, fit="pad", mirror=False):
         arr = np.asarray(img, dtype=np.float64)
         span = max(float(arr.max() - arr.min()), 1e-12)
         img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
-    img = img.convert("RGB")
-    if size is not None:
-        img = fit_square(img, size, fit)
+    return img.convert("RGB")
+
+
+def _fit_rgb(rgb, size, fit="pad", mirror=False):
+    from PIL import ImageOps
+
+    img = rgb if size is None else fit_square(rgb, size, fit)
     if mirror:
         img = ImageOps.mirror(img)
     return np.asarray(img, dtype=np.uint8)
@@ -539,28 +592,59 @@ def _to_rgb(img, size, fit="pad", mirror=False):
 class ImageFiles:
     """A list of image files that reads like an ``(N, size, size, 3)`` uint8 array:
     slicing decodes just those files, so extraction streams from disk. ``fit`` and
-    ``mirror`` are as for :func:`read_image`."""
+    ``mirror`` are as for :func:`read_image`.
 
-    def __init__(self, paths, size, fit="pad", mirror=False):
+    With ``views`` (a list of ``(fit, mirror)``), each file is decoded once and seen in
+    every view: items are ``(len(views), size, size, 3)``. :meth:`load` is how the
+    extractor reads: a file that cannot be decoded becomes a white placeholder and is
+    reported with its row instead of stopping the whole extraction."""
+
+    def __init__(self, paths, size, fit="pad", mirror=False, views=None):
         self.paths = list(paths)
         self.size = int(size)
         self.fit = fit
         self.mirror = bool(mirror)
+        self.views = None if views is None else [(f, bool(m)) for f, m in views]
 
     def __len__(self):
         return len(self.paths)
 
     @property
     def shape(self):
-        return (len(self), self.size, self.size, 3)
+        view = (len(self.views),) if self.views is not None else ()
+        return (len(self), *view, self.size, self.size, 3)
+
+    def only_views(self, positions):
+        """The same files seen in the views at ``positions`` only."""
+        return ImageFiles(self.paths, self.size, self.fit, self.mirror,
+                          [self.views[p] for p in positions])
+
+    def _read(self, path):
+        if self.views is None:
+            return read_image(path, self.size, self.fit, self.mirror)
+        rgb = _rgb(open_image(path))
+        return np.stack([_fit_rgb(rgb, self.size, f, m) for f, m in self.views])
 
     def __getitem__(self, key):
         if not isinstance(key, slice):
-            return read_image(self.paths[key], self.size, self.fit, self.mirror)
-        out = np.zeros((len(self.paths[key]), self.size, self.size, 3), np.uint8)
-        for i, path in enumerate(self.paths[key]):
-            out[i] = read_image(path, self.size, self.fit, self.mirror)
+            return self._read(self.paths[key])
+        out, failed = self.load(*key.indices(len(self))[:2])
+        if failed:
+            raise FashionrecError(next(iter(failed.values())))
         return out
+
+    def load(self, start, stop):
+        """Rows ``start:stop`` decoded: ``(images, failed)``, ``failed`` mapping the row
+        of each unreadable file to the one-line reason (its image is left white)."""
+        paths = self.paths[start:stop]
+        out = np.full((len(paths), *self.shape[1:]), 255, np.uint8)
+        failed = {}
+        for i, path in enumerate(paths):
+            try:
+                out[i] = self._read(path)
+            except FashionrecError as exc:
+                failed[start + i] = str(exc)
+        return out, failed
 
 
 def category_matches(categories, wanted):

@@ -1,5 +1,5 @@
-"""``fashionrec train | recommend | add | remove | compact | index | evaluate | plot |
-serve`` — a thin layer over the library.
+"""``fashionrec train | extract | recommend | add | remove | compact | index | evaluate |
+plot | serve`` — a thin layer over the library.
 
 Every user error is one line on stderr and a non-zero exit code.
 """
@@ -16,8 +16,10 @@ from pathlib import Path
 from .config import (
     CATALOG_DEFAULTS,
     DATASET_NAMES,
+    ENGINES,
     FITS,
     POOLINGS,
+    PRECISIONS,
     RECIPE_DEFAULTS,
     SEARCH_CHOICES,
     RunConfig,
@@ -75,8 +77,6 @@ def build_parser():
                    help="first N training images train the head (default: %(default)s)")
     t.add_argument("--n-reco", type=_positive, default=d["n_reco"].default,
                    help="first N test images form the catalog (default: %(default)s)")
-    t.add_argument("--image-size", type=_positive, default=d["image_size"].default,
-                   help="backbone input side in pixels, >= 32 (default: %(default)s)")
     t.add_argument("--epochs", type=_positive, default=None,
                    help=f"head training epochs (default: {RECIPE_DEFAULTS['epochs']}; "
                         f"product catalogs {CATALOG_DEFAULTS['epochs']})")
@@ -88,26 +88,10 @@ def build_parser():
                    help="head training batch size (default: %(default)s)")
     t.add_argument("--dropout", type=float, default=d["dropout"].default,
                    help="the head's dropout rate (default: %(default)s)")
-    t.add_argument("--extract-batch-size", type=_positive,
-                   default=d["extract_batch_size"].default,
-                   help="images per backbone call during extraction (default: %(default)s)")
-    t.add_argument("--weights", default=d["weights"].default,
-                   help="imagenet (Keras cache or checked download; falls back to the "
-                        "../shared stage-4 stand-in), none (random) or a Keras weights file "
-                        "(default: %(default)s)")
-    t.add_argument("--backbone", default=d["backbone"].default,
-                   help="resnet50, or a saved .keras model mapping (N,H,W,3) images to "
-                        "(N,D) vectors (default: %(default)s)")
-    t.add_argument("--pooling", choices=POOLINGS, default=None,
-                   help="how the backbone's last feature map becomes a vector: avg (global "
-                        "average) or gem (generalized mean, p=3) (default: "
-                        f"{RECIPE_DEFAULTS['pooling']}; product catalogs "
-                        f"{CATALOG_DEFAULTS['pooling']})")
-    t.add_argument("--seed", type=int, default=d["seed"].default,
-                   help="random seed (default: %(default)s)")
+    _backbone_options(t, d)
     t.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="where the run's files go (default: %(default)s)")
-    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _output_options(t)
     _search_options(t, d)
     c = t.add_argument_group(
         "your own products (instead of --dataset)",
@@ -116,22 +100,32 @@ def build_parser():
     c.add_argument("--catalog", default=None,
                    help="an image folder (category/subcategory/.../image) or a CSV manifest")
     _catalog_options(c)
-    c.add_argument("--min-class-size", type=_positive, default=CATALOG_OPTIONS["min_class_size"],
-                   help="classes with fewer readable images are left out and reported "
-                        "(default: %(default)s)")
     c.add_argument("--holdout", type=_share, default=CATALOG_OPTIONS["holdout"],
                    help="share of the products kept out of training (seeded, stratified by "
                         "class) for an honest `fashionrec evaluate`; they are still indexed. "
                         "Split folders (train/ validation/ test/) hold test/ out by themselves")
-    c.add_argument("--image-fit", default=CATALOG_OPTIONS["image_fit"],
-                   help=f"how a photo is fitted to the square input: {', '.join(FITS)} "
-                        f"(white letterbox, centre square, stretch), or several joined by "
-                        f"'+', each one more view of the product (default: "
-                        f"{CATALOG_DEFAULTS['image_fit']})")
-    c.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   default=CATALOG_OPTIONS["flip"],
-                   help=f"also see each photo mirrored (training and queries) (default: "
-                        f"{'on' if CATALOG_DEFAULTS['flip'] else 'off'})")
+    _view_options(c)
+
+    x = sub.add_parser(
+        "extract", help="only extract a catalog's features into a run's feature cache",
+        description="Extract the backbone features of a catalog (every view) into "
+                    "RUN_DIR/features, here or across machines with Ray; a following "
+                    "`fashionrec train --catalog` with the same options uses them. A killed "
+                    "extraction resumes where it stopped.")
+    x.add_argument("--catalog", required=True,
+                   help="an image folder or a CSV manifest (as for train)")
+    _catalog_options(x)
+    _view_options(x)
+    _backbone_options(x, d)
+    x.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="extract on Ray Data (pip install 'fashionrec[ray]'): no ADDRESS "
+                        "starts a local Ray; 'auto' or ray://HOST:PORT joins a cluster")
+    x.add_argument("--ray-workers", type=_positive, default=None,
+                   help="Ray actors, one model each (default: local Ray 2, a cluster: "
+                        "its CPUs / 4)")
+    x.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                   help="the run whose feature cache is filled (default: %(default)s)")
+    _output_options(x)
 
     r = sub.add_parser("recommend", help="the K catalog items nearest to a query",
                        description="Recommend catalog items for a catalog item, a test image "
@@ -169,7 +163,7 @@ def build_parser():
     a.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                    help="the trained run (default: %(default)s)")
     a.add_argument("--json", action="store_true", help="print the report as JSON")
-    a.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _output_options(a)
 
     rm = sub.add_parser("remove", help="remove discontinued products from a run's index",
                         description="Remove items by id (all or nothing; the index file is "
@@ -184,7 +178,7 @@ def build_parser():
                                     "atomically; loading is then as fast as after training.")
     cp.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                     help="the trained run (default: %(default)s)")
-    cp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _output_options(cp)
 
     ix = sub.add_parser("index", help="choose how a trained run is searched (exact or HNSW)",
                         description="Build (or drop) the FAISS HNSW graph of a trained run "
@@ -192,7 +186,7 @@ def build_parser():
     ix.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                     help="the trained run (default: %(default)s)")
     _search_options(ix, d, required=True)
-    ix.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _output_options(ix)
 
     e = sub.add_parser("evaluate", help="retrieval quality and head accuracy of a trained run",
                        description="Score a run. Fashion-MNIST: every catalog item as a "
@@ -210,7 +204,7 @@ def build_parser():
                         "catalog (default: all)")
     e.add_argument("--out", default=None,
                    help="JSON to write (default: RUN_DIR/evaluation.json)")
-    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _output_options(e)
 
     sv = sub.add_parser("serve", help="the recommendation service: HTTP API and web page",
                         description="Serve a trained run over HTTP (FastAPI + uvicorn): the "
@@ -246,6 +240,60 @@ def build_parser():
     pl.add_argument("--out", default=None,
                     help="PNG to write (default: RUN_DIR/plots/curves.png)")
     return p
+
+
+def _view_options(c):
+    """How catalog products are kept and seen (train and extract)."""
+    c.add_argument("--min-class-size", type=_positive, default=CATALOG_OPTIONS["min_class_size"],
+                   help="classes with fewer readable images are left out and reported "
+                        "(default: %(default)s)")
+    c.add_argument("--image-fit", default=CATALOG_OPTIONS["image_fit"],
+                   help=f"how a photo is fitted to the square input: {', '.join(FITS)} "
+                        f"(white letterbox, centre square, stretch), or several joined by "
+                        f"'+', each one more view of the product (default: "
+                        f"{CATALOG_DEFAULTS['image_fit']})")
+    c.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   default=CATALOG_OPTIONS["flip"],
+                   help=f"also see each photo mirrored (training and queries) (default: "
+                        f"{'on' if CATALOG_DEFAULTS['flip'] else 'off'})")
+
+
+
+def _output_options(parser):
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show TensorFlow's and the engines' own log lines")
+
+
+def _backbone_options(t, d):
+    """What decides a run's features: shared by train and extract."""
+    t.add_argument("--image-size", type=_positive, default=d["image_size"].default,
+                   help="backbone input side in pixels, >= 32 (default: %(default)s)")
+    t.add_argument("--extract-batch-size", type=_positive,
+                   default=d["extract_batch_size"].default,
+                   help="images per backbone call during extraction (default: %(default)s)")
+    t.add_argument("--weights", default=d["weights"].default,
+                   help="imagenet (Keras cache or checked download; falls back to the "
+                        "../shared stage-4 stand-in), none (random) or a Keras weights file "
+                        "(default: %(default)s)")
+    t.add_argument("--backbone", default=d["backbone"].default,
+                   help="resnet50, or a saved .keras model mapping (N,H,W,3) images to "
+                        "(N,D) vectors (default: %(default)s)")
+    t.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="how the backbone's last feature map becomes a vector: avg (global "
+                        "average) or gem (generalized mean, p=3) (default: "
+                        f"{RECIPE_DEFAULTS['pooling']}; product catalogs "
+                        f"{CATALOG_DEFAULTS['pooling']})")
+    t.add_argument("--engine", choices=ENGINES, default=d["engine"].default,
+                   help="what runs the backbone: keras, openvino (pip install "
+                        "'fashionrec[openvino]') or auto: OpenVINO where installed and the CPU "
+                        "has native bfloat16, else Keras (default: %(default)s)")
+    t.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+                   help="the backbone's arithmetic: float32, bfloat16, or auto: bfloat16 "
+                        "with OpenVINO on a CPU with native bfloat16, else float32 "
+                        "(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=d["seed"].default,
+                   help="random seed (default: %(default)s)")
 
 
 def _search_options(parser, d, required=False):
@@ -323,7 +371,7 @@ def cmd_train(args):
         n_reco=args.n_reco, image_size=args.image_size, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, dropout=args.dropout,
         pooling=args.pooling, weights=args.weights,
-        backbone=args.backbone,
+        backbone=args.backbone, engine=args.engine, precision=args.precision,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
@@ -362,7 +410,7 @@ def _train_catalog(args):
         image_size=args.image_size, image_fit=args.image_fit, flip=args.flip,
         epochs=args.epochs, learning_rate=args.learning_rate, pooling=args.pooling,
         batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
-        backbone=args.backbone,
+        backbone=args.backbone, engine=args.engine, precision=args.precision,
         extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
@@ -396,6 +444,43 @@ def _train_catalog(args):
     print(f"run:            {run_dir / 'run.json'}; index {run_dir / 'index.h5'} "
           f"({_describe_search(rec.search_spec)})")
     print(f"curves:         {curves}")
+    return 0
+
+
+def cmd_extract(args):
+    from .catalog import Catalog
+    from .recommend import Recommender
+
+    cfg = RunConfig(
+        image_size=args.image_size, image_fit=args.image_fit, flip=args.flip,
+        pooling=args.pooling, weights=args.weights, backbone=args.backbone,
+        engine=args.engine, precision=args.precision,
+        extract_batch_size=args.extract_batch_size, seed=args.seed)
+    run_dir = Path(args.run_dir)
+    catalog = Catalog.read(args.catalog, **_catalog_kwargs(args))
+    runner = None
+    if args.ray is not None:
+        from .distributed import RayExtractor
+
+        runner = RayExtractor(None if args.ray == "local" else args.ray,
+                              workers=args.ray_workers, verbose=args.verbose)
+    where = "here" if runner is None else f"on Ray ({runner.describe()})"
+    print(f"fashionrec extract: catalog {args.catalog} ({len(catalog)} listed images), "
+          f"{cfg.image_size} px, {where} -> {run_dir / 'features'}", flush=True)
+    try:
+        out = Recommender(cfg).extract_catalog(
+            catalog, min_class_size=args.min_class_size, cache_dir=run_dir / "features",
+            progress=not args.no_progress, runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
+    print(f"features:       {out['n_items']} products, {len(out['files'])} view file(s) in "
+          f"{run_dir / 'features'}")
+    if out["n_failed"]:
+        print(f"unreadable:     {out['n_failed']} image(s), left out at training: "
+              + ", ".join(list(out["failed"])[:5]))
+    print(f"next:           fashionrec train --catalog {args.catalog} --run-dir {run_dir} "
+          f"(same options) uses them")
     return 0
 
 
@@ -552,14 +637,43 @@ def cmd_plot(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "recommend": cmd_recommend, "add": cmd_add,
-            "remove": cmd_remove, "compact": cmd_compact, "index": cmd_index,
+COMMANDS = {"train": cmd_train, "extract": cmd_extract, "recommend": cmd_recommend,
+            "add": cmd_add, "remove": cmd_remove, "compact": cmd_compact, "index": cmd_index,
             "evaluate": cmd_evaluate, "plot": cmd_plot, "serve": cmd_serve}
 
 
+def quiet(verbose=False):
+    """Keep the output to what a user needs: TensorFlow's start-up lines (written by its
+    C++ libraries straight to the process's stderr while it is imported, whatever
+    ``TF_CPP_MIN_LOG_LEVEL`` says), its retracing warnings and library warnings are
+    hidden unless ``verbose``. A Python error while importing still surfaces."""
+    if verbose:
+        return
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # one set by the user is kept
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="keras")
+    warnings.filterwarnings("ignore", module="tensorflow")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401  (imports TensorFlow, the Keras backend)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    quiet(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except (FashionrecError, OSError) as exc:  # OSError: e.g. an --out folder not writable

@@ -19,6 +19,8 @@ RECIPE_DEFAULTS = {"epochs": 32, "learning_rate": 4e-4, "image_fit": None, "flip
 CATALOG_DEFAULTS = {"epochs": 64, "learning_rate": 5e-5, "image_fit": "pad+crop", "flip": True,
                     "pooling": "gem"}
 POOLINGS = ("avg", "gem")
+ENGINES = ("auto", "keras", "openvino")  # what runs the backbone (fashionrec.engine)
+PRECISIONS = ("auto", "float32", "bfloat16")
 SEARCH_CHOICES = ("auto", "exact", "hnsw")
 
 
@@ -60,6 +62,11 @@ class RunConfig:
             ``(N, H, W, 3)`` batch (``preprocess_input`` applied) to ``(N, D)`` vectors.
         weights: ``"imagenet"``, ``"none"`` (random, seeded) or a Keras weights file.
         extract_batch_size: images per backbone call during feature extraction.
+        engine, precision: what runs the frozen backbone: ``"keras"`` or
+            ``"openvino"``, in ``"float32"`` or ``"bfloat16"``; ``"auto"`` (default)
+            picks OpenVINO bfloat16 where it is installed and the CPU has native
+            bfloat16, else Keras float32 (:func:`fashionrec.engine.resolve`). The run's
+            backbone record says what was used, and its photo queries use the same.
         seed: seeds weight init, dropout and shuffling.
         search: how the catalog is searched: ``"exact"``, ``"hnsw"`` (a FAISS HNSW
             graph, approximate) or ``"auto"`` (HNSW from ``hnsw_min_items`` items up).
@@ -83,6 +90,8 @@ class RunConfig:
     backbone: str = "resnet50"
     weights: str = "imagenet"
     extract_batch_size: int = 32
+    engine: str = "auto"
+    precision: str = "auto"
     seed: int = 1234
     search: str = "auto"
     hnsw_min_items: int = 50000
@@ -122,6 +131,12 @@ class RunConfig:
         if self.pooling not in (None, *POOLINGS):
             raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, "
                                   f"got {self.pooling!r}")
+        if self.engine not in ENGINES:
+            raise FashionrecError(f"engine must be one of {', '.join(ENGINES)}, "
+                                  f"got {self.engine!r}")
+        if self.precision not in PRECISIONS:
+            raise FashionrecError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                                  f"got {self.precision!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if self.search not in SEARCH_CHOICES:

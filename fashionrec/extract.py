@@ -51,6 +51,9 @@ class BackboneInfo:
     seed: int | None = None  # random init (weights "none")
     note: str = ""  # e.g. why the stand-in was used
     pooling: str = "avg"  # how the last feature map becomes a vector: "avg" or "gem"
+    engine: str = "keras"  # what runs the backbone: "keras" or "openvino"
+    precision: str = "float32"  # "float32" or "bfloat16"
+    engine_version: str | None = None  # e.g. OpenVINO's version (not part of the key)
 
     @property
     def fingerprint(self):
@@ -61,6 +64,8 @@ class BackboneInfo:
             key.append(self.weights_hash)
         if self.pooling != "avg":  # average-pooled runs keep the fingerprint they had
             key.append(self.pooling)
+        if (self.engine, self.precision) != ("keras", "float32"):  # so do Keras float32 ones
+            key += [self.engine, self.precision]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def describe(self):
@@ -73,6 +78,10 @@ class BackboneInfo:
         }[self.weights]
         pooled = ", GeM-pooled (p=3)" if self.pooling == "gem" else ""
         return f"{what}, {weights}, {self.feature_dim}-d features{pooled} at {self.image_size} px"
+
+    def describe_engine(self):
+        name = {"keras": "Keras", "openvino": "OpenVINO"}.get(self.engine, self.engine)
+        return f"{name} {self.precision}"
 
     def to_dict(self):
         return asdict(self)
@@ -207,7 +216,8 @@ def _resnet50(weights, image_size, seed):
 
 
 def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed=1234,
-                   cache_dir=None, allow_standin=True, log=print, pooling="avg"):
+                   cache_dir=None, allow_standin=True, log=print, pooling="avg",
+                   engine="keras", precision="float32"):
     """Build the backbone a run asks for; return ``(model, BackboneInfo)``.
 
     Args:
@@ -223,20 +233,30 @@ def build_backbone(backbone="resnet50", weights="imagenet", image_size=224, seed
         log: where to say which backbone is used (``None`` for silence).
         pooling: ``"avg"`` (global average pooling, the recipe) or ``"gem"``
             (generalized mean over the same feature map).
+        engine, precision: what runs the backbone (:func:`fashionrec.engine.resolve`:
+            ``"auto"`` picks for this machine); recorded in the info, which
+            :class:`FeatureExtractor` follows.
 
     Example:
         >>> model, info = build_backbone(weights="none", image_size=32)  # doctest: +SKIP
         >>> info.feature_dim
         2048
     """
+    from .engine import openvino_version, resolve
+
     if pooling not in POOLINGS:
         raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    engine, precision, why = resolve(engine, precision)  # a bad choice stops us first
     model, info = _build_backbone(backbone, weights, image_size, seed, cache_dir,
                                   allow_standin, log)
     if pooling != "avg":
         model = with_pooling(model, pooling, info.model_path or "ResNet50")
         info.pooling = pooling
-    (log or (lambda *_: None))(f"backbone: {info.describe()}")
+    info.engine, info.precision = engine, precision
+    info.engine_version = openvino_version() if engine == "openvino" else None
+    say = log or (lambda *_: None)
+    say(f"backbone: {info.describe()}")
+    say(f"engine: {info.describe_engine()} ({why})")
     return model, info
 
 
@@ -358,13 +378,47 @@ def to_model_input(images, image_size):
     return preprocess_input(x)
 
 
+def prefetch(jobs, workers=2, depth=4):
+    """Run the callables ``jobs`` in ``workers`` background threads, at most ``depth``
+    ahead of the consumer (memory stays flat), and yield their results in order. An
+    exception in a job is raised here, at its turn; closing the generator early stops
+    the jobs not yet started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = iter(jobs)
+    pending = deque()
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fashionrec-decode") as pool:
+        try:
+            for job in jobs:
+                pending.append(pool.submit(job))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def decode_workers():
+    """Background decoding threads: the machine's cores, at most 8 (image decoding
+    and resizing release the GIL)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 class FeatureExtractor:
     """Images in, feature vectors out, one batch at a time.
 
+    The next batches are decoded, fitted and preprocessed in background threads
+    (:func:`prefetch`) while the engine computes the current one.
+
     Args:
         model: the backbone (``(N, S, S, 3)`` -> ``(N, D)``).
-        info: its :class:`BackboneInfo`.
+        info: its :class:`BackboneInfo`; ``info.engine`` and ``info.precision`` say
+            what runs it (:mod:`fashionrec.engine`).
         batch_size: images per backbone call.
+        workers: background decoding threads (default: :func:`decode_workers`).
 
     Example:
         >>> ext = FeatureExtractor(*build_backbone(weights="none", image_size=32))  # doctest: +SKIP
@@ -372,42 +426,89 @@ class FeatureExtractor:
         (5, 2048)
     """
 
-    def __init__(self, model, info, batch_size=32):
+    def __init__(self, model, info, batch_size=32, workers=None):
+        from .engine import make_engine
+
         self.model = model
         self.info = info
         self.batch_size = batch_size
+        self.workers = decode_workers() if workers is None else workers
+        self.engine = make_engine(model, info.engine, info.precision, info.image_size)
         self._lock = threading.Lock()  # one backbone call at a time (threads of a server)
 
-    def iter_batches(self, images, progress=False, desc="extract"):
-        """Yield ``(start, features)`` for consecutive batches of ``images``."""
-        n = len(images)
-        with tqdm(total=n, unit="img", desc=desc, disable=not progress,
+    def _batches(self, images, skip=None):
+        """``(start, stop)`` of each batch to compute (``skip``: rows already done); a
+        batch holds ``batch_size`` backbone inputs, so fewer items when each has views."""
+        shape = images.shape if hasattr(images, "shape") else np.shape(images)
+        per_item = shape[1] if len(shape) == 5 else 1
+        step = max(1, self.batch_size // per_item)
+        for start in range(0, len(images), step):
+            stop = min(start + step, len(images))
+            if skip is None or not skip[start:stop].all():
+                yield start, stop
+
+    def iter_batches(self, images, progress=False, desc="extract", skip=None):
+        """Yield ``(start, features, failed)`` for consecutive batches of ``images``.
+
+        ``images``: an ``(N, H, W[, C])`` array, or a lazy one such as
+        :class:`~fashionrec.catalog.ImageFiles` (with views: ``(N, V, S, S, 3)``, and
+        features ``(n, V, D)``). ``failed`` maps rows whose file could not be decoded
+        to the reason (their features are meaningless). ``skip``: a boolean mask of rows
+        already done (a resumed extraction); batches entirely done are not computed.
+        """
+        batches = list(self._batches(images, skip))
+        load = getattr(images, "load", None)
+        size = self.info.image_size
+
+        def job(start, stop):
+            if load is not None:
+                x, failed = load(start, stop)
+            else:
+                x, failed = images[start:stop], {}
+            shape = np.shape(x)
+            if len(shape) == 5:  # views: one backbone input per view
+                x = np.reshape(x, (-1, *shape[2:]))
+            return start, to_model_input(x, size), shape, failed
+
+        total = sum(stop - start for start, stop in batches)
+        with tqdm(total=total, unit="img", desc=desc, disable=not progress,
                   smoothing=0.1, dynamic_ncols=True) as bar:
-            for start in range(0, n, self.batch_size):
-                batch = images[start:start + self.batch_size]
-                x = to_model_input(batch, self.info.image_size)
+            for start, x, shape, failed in prefetch(
+                    (lambda b=b: job(*b) for b in batches), self.workers,
+                    depth=2 * self.workers):
                 with self._lock:
-                    feats = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
-                yield start, feats
-                bar.update(len(batch))
+                    feats = self.engine(x)
+                if len(shape) == 5:
+                    feats = feats.reshape(shape[0], shape[1], -1)
+                yield start, feats, failed
+                bar.update(shape[0])
 
     def transform(self, images, progress=False):
-        """Features of all ``images`` as a ``(N, D)`` float32 array."""
-        out = np.empty((len(images), self.info.feature_dim), dtype=np.float32)
-        for start, feats in self.iter_batches(images, progress):
+        """Features of all ``images`` as a ``(N, D)`` float32 array (``(N, V, D)`` for
+        images with views). An unreadable file raises its one-line error."""
+        out = None
+        for start, feats, failed in self.iter_batches(images, progress):
+            if failed:
+                raise FashionrecError(next(iter(failed.values())))
+            if out is None:
+                out = np.empty((len(images), *feats.shape[1:]), dtype=np.float32)
             out[start:start + len(feats)] = feats
+        if out is None:
+            out = np.empty((0, self.info.feature_dim), dtype=np.float32)
         return out
 
     def transform_to_h5(self, images, path, attrs=None, progress=True, desc="extract"):
         """Stream the features of ``images`` into dataset ``features`` of the HDF5
-        file ``path`` (written atomically); memory stays one batch deep."""
+        file ``path`` (written atomically); memory stays a few batches deep."""
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 dset = f.create_dataset("features", (len(images), self.info.feature_dim),
                                         dtype="float32")
                 for key, value in (attrs or {}).items():
                     f.attrs[key] = value
-                for start, feats in self.iter_batches(images, progress, desc):
+                for start, feats, failed in self.iter_batches(images, progress, desc):
+                    if failed:
+                        raise FashionrecError(next(iter(failed.values())))
                     dset[start:start + len(feats)] = feats
         return Path(path)
 
@@ -415,27 +516,149 @@ class FeatureExtractor:
 def cached_features(extractor, images, cache_dir, name, progress=True, digest=None):
     """Features of ``images``, cached in ``cache_dir/<name>-<fingerprint>.h5``.
 
-    The cache is reused when it was made by the same backbone from the very same
-    images (SHA-256 of the pixels, or ``digest``: e.g. of the image files of a lazy
-    :class:`~fashionrec.catalog.ImageFiles`), so re-training the head does not re-extract.
+    The cache is reused when it was made by the same backbone and engine from the very
+    same images (SHA-256 of the pixels, or ``digest``), so re-training the head does
+    not re-extract.
     """
-    path = Path(cache_dir) / f"{name}-{extractor.info.fingerprint}.h5"
     if digest is None:
         digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-    if path.is_file():
+    cache = ViewCache(cache_dir, extractor.info, [name], [digest], len(images))
+    views, _ = cache.extract(extractor, images, progress, desc=f"extract {name}")
+    return views[0]
+
+
+class ViewCache:
+    """The feature cache of one image list seen in one or more views: one HDF5 file per
+    view, ``<name>-<fingerprint>.h5`` in ``cache_dir``, each with its own key.
+
+    Missing views are extracted together (each image decoded once for all of them)
+    into ``<first missing name>-<fingerprint>.partial.h5``, which records which rows
+    are done after every batch: a killed extraction resumes where it stopped. When all
+    rows are done the view files are written (each atomically) and the partial file
+    removed. Rows whose image could not be decoded are recorded (attribute ``failed``)
+    and come back from :meth:`extract` beside the features.
+
+    Args:
+        cache_dir: the folder.
+        info: the :class:`BackboneInfo` (its fingerprint is part of every name and key).
+        names: one file name stem per view.
+        keys: one content key per view (e.g. the SHA-256 of the images and the view).
+        n: the number of images.
+    """
+
+    def __init__(self, cache_dir, info, names, keys, n):
+        self.cache_dir = Path(cache_dir)
+        self.info = info
+        self.names, self.keys, self.n = list(names), list(keys), int(n)
+        fp = info.fingerprint
+        self.paths = [self.cache_dir / f"{name}-{fp}.h5" for name in self.names]
+
+    def _read(self, path, key):
         try:
             with h5py.File(path, "r") as f:
-                if (f.attrs.get("fingerprint") == extractor.info.fingerprint
-                        and f.attrs.get("images_sha256") == digest
-                        and f["features"].shape == (len(images), extractor.info.feature_dim)):
-                    return f["features"][:]
-        except (OSError, KeyError):
-            pass  # unreadable cache: rebuild it below
-    extractor.transform_to_h5(
-        images, path, progress=progress, desc=f"extract {name}",
-        attrs={"fingerprint": extractor.info.fingerprint,
-               "backbone": json.dumps(extractor.info.to_dict()),
-               "images_sha256": digest},
-    )
-    with h5py.File(path, "r") as f:
-        return f["features"][:]
+                if (f.attrs.get("fingerprint") == self.info.fingerprint
+                        and f.attrs.get("images_sha256") == key
+                        and f["features"].shape == (self.n, self.info.feature_dim)):
+                    failed = json.loads(f.attrs.get("failed", "{}"))
+                    return f["features"][:], {int(r): why for r, why in failed.items()}
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable or foreign: extracted again
+        return None
+
+    def load(self):
+        """``(features per view, failed rows)`` if every view is cached, else ``None``."""
+        got = [self._read(p, k) if p.is_file() else None
+               for p, k in zip(self.paths, self.keys, strict=True)]
+        if any(g is None for g in got):
+            return None
+        return [g[0] for g in got], got[0][1]
+
+    def missing(self):
+        """Positions of the views not (validly) cached."""
+        return [v for v, (p, k) in enumerate(zip(self.paths, self.keys, strict=True))
+                if not p.is_file() or self._read(p, k) is None]
+
+    def partial_path(self, views):
+        return self.paths[views[0]].with_suffix(".partial.h5")
+
+    def open_partial(self, views):
+        """The partial file for ``views`` (created, or reopened to resume when it was
+        made for the same keys), open for writing."""
+        path = self.partial_path(views)
+        tag = json.dumps([self.keys[v] for v in views] + [self.info.fingerprint, self.n])
+        if path.is_file():
+            try:
+                f = h5py.File(path, "r+")
+                if f.attrs.get("key") == tag and f["features"].shape == (
+                        self.n, len(views), self.info.feature_dim):
+                    return f
+                f.close()
+            except (OSError, KeyError):
+                pass  # a file cut short by a kill mid-write: start again
+            path.unlink()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(path, "w")
+        f.attrs["key"] = tag
+        f.attrs["failed"] = "{}"
+        f.create_dataset("features", (self.n, len(views), self.info.feature_dim),
+                         dtype="float32", chunks=(min(self.n, 256) or 1, 1,
+                                                  self.info.feature_dim))
+        f.create_dataset("done", (self.n,), dtype=bool, fillvalue=False)
+        return f
+
+    @staticmethod
+    def write_rows(partial, start, feats, failed):
+        """Rows ``start:start+len(feats)`` of an open partial file (``feats``
+        ``(n, V, D)``), then marked done."""
+        partial["features"][start:start + len(feats)] = feats
+        if failed:
+            known = json.loads(partial.attrs["failed"])
+            known.update({str(r): why for r, why in failed.items()})
+            partial.attrs["failed"] = json.dumps(known)
+        partial["done"][start:start + len(feats)] = True
+        partial.flush()
+
+    def publish(self, partial, views):
+        """Write the view files from a complete partial file and remove it."""
+        failed = partial.attrs["failed"]
+        for j, v in enumerate(views):
+            with atomic_path(self.paths[v]) as tmp, h5py.File(tmp, "w") as out:
+                out.create_dataset("features", data=partial["features"][:, j, :])
+                out.attrs.update({"fingerprint": self.info.fingerprint,
+                                  "backbone": json.dumps(self.info.to_dict()),
+                                  "images_sha256": self.keys[v], "failed": failed})
+        path = Path(partial.filename)
+        partial.close()
+        path.unlink()
+
+    def extract(self, extractor, images, progress=True, desc="extract", views=None,
+                runner=None):
+        """``(features per view, failed rows)``: from the cache, else extracted by
+        ``extractor`` from ``images`` (lazy, ``(N, V, S, S, 3)`` with ``views`` set to
+        the view of each position, or ``(N, ...)`` for a single view) and cached.
+
+        ``runner``: what computes the missing rows instead of ``extractor``: an object
+        with ``iter_batches(images, progress, desc, skip)`` yielding ``(start, features,
+        failed)`` like :meth:`FeatureExtractor.iter_batches`, in any order (e.g.
+        :class:`fashionrec.distributed.RayExtractor`)."""
+        cached = self.load()
+        if cached is not None:
+            return cached
+        todo = self.missing()
+        if views is not None and len(todo) < len(self.paths):
+            images = images.only_views(todo)  # decode once, for the missing views only
+        partial = self.open_partial(todo)
+        try:
+            done = partial["done"][:]
+            if done.any():
+                tqdm.write(f"{desc}: resuming, {int(done.sum())} of {self.n} images done")
+            source = extractor if runner is None else runner
+            for start, feats, failed in source.iter_batches(images, progress, desc, skip=done):
+                if feats.ndim == 2:
+                    feats = feats[:, None, :]
+                self.write_rows(partial, start, feats, failed)
+            self.publish(partial, todo)
+        finally:
+            if partial.id.valid:
+                partial.close()
+        return self.load()

@@ -38,6 +38,7 @@ from .errors import FashionrecError
 from .extract import (
     BackboneInfo,
     FeatureExtractor,
+    ViewCache,
     build_backbone,
     cached_features,
     rebuild_backbone,
@@ -153,7 +154,8 @@ class Recommender:
         t0 = time.perf_counter()
         # The backbone is resolved first, so a missing one stops us before long work.
         model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
-                                     log=say, pooling=cfg.pooling)
+                                     log=say, pooling=cfg.pooling, engine=cfg.engine,
+                                     precision=cfg.precision)
         if dataset is None:
             dataset = load_dataset(cfg.dataset, cfg.data_dir)
         if cfg.n_train > len(dataset.x_train):
@@ -202,6 +204,55 @@ class Recommender:
         say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
         return self
 
+    def extract_catalog(self, catalog, min_class_size=5, cache_dir=None, progress=True,
+                        log=print, runner=None):
+        """The feature extraction of :meth:`fit_catalog` alone: the backbone features of
+        every view of the catalog's images, into ``cache_dir``, so that
+        :meth:`fit_catalog` with the same settings and ``cache_dir`` does not extract
+        again. ``runner`` computes them instead of this process (e.g.
+        :class:`fashionrec.distributed.RayExtractor`, across machines); rows already
+        in the cache's partial file (a killed extraction) are not computed again.
+
+        Returns:
+            ``{"n_items", "n_failed", "failed", "files"}``: items extracted, the rows
+            whose image could not be decoded (id -> reason), the cache files.
+        """
+        say = log or (lambda *_: None)
+        listed, _, failed, info = self._extract_catalog(catalog, min_class_size, cache_dir,
+                                                        progress, say, {}, runner)
+        names = [p.name for p in Path(cache_dir).glob(f"catalog*-{info.fingerprint}.h5")]
+        return {"n_items": len(listed), "n_failed": len(failed),
+                "failed": {listed.ids[r]: why for r, why in sorted(failed.items())},
+                "files": sorted(names)}
+
+    def _extract_catalog(self, catalog, min_class_size, cache_dir, progress, say, timings,
+                         runner=None):
+        """Backbone, header check and features of every view: ``(listed catalog,
+        features per view, failed rows, backbone info)``; sets :attr:`report_`,
+        :attr:`config` (resolved for a catalog) and, without a runner,
+        :attr:`extractor_`."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
+                                     log=say, pooling=cfg.resolved(catalog=True).pooling,
+                                     engine=cfg.engine, precision=cfg.precision)
+        if any(label is None for label in catalog.labels):
+            raise FashionrecError("every catalog item needs a class to train on")
+        # headers only: each image is decoded once, by the extractor's background workers
+        listed, self.report_ = catalog.check(min_class_size, progress, decode=False)
+        self.config = RunConfig.from_dict({
+            **cfg.resolved(catalog=True).to_dict(), "dataset": "catalog", "data_dir": None})
+        timings["setup_s"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        if runner is None:
+            self.extractor_ = FeatureExtractor(model, info, self.config.extract_batch_size)
+        else:
+            runner.prepare(info, self.config.extract_batch_size)
+        views, failed = self._catalog_features(listed, listed.content_digest(), cache_dir,
+                                               progress, runner=runner, info=info)
+        timings["extract_s"] = time.perf_counter() - t
+        return listed, views, failed, info
+
     def fit_catalog(self, catalog, min_class_size=5, holdout=None, cache_dir=None,
                     progress=True, log=print):
         """Train on your own products and index them all.
@@ -234,13 +285,14 @@ class Recommender:
         cfg = self.config
         if catalog.splits is not None and holdout:
             assign_splits(catalog, holdout)  # the one-line refusal, before any long work
-        model, info = build_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.seed,
-                                     log=say, pooling=cfg.resolved(catalog=True).pooling)
-        if any(label is None for label in catalog.labels):
-            raise FashionrecError("every catalog item needs a class to train on")
-        clean, self.report_ = catalog.check(min_class_size, progress)
+        listed, views, failed, info = self._extract_catalog(
+            catalog, min_class_size, cache_dir, progress, say, timings)
+        features_key = listed.content_digest()
+        clean, self.report_ = listed.drop_failed(failed, self.report_)
+        ok = np.array([i for i in range(len(listed)) if i not in failed], dtype=np.int64)
+        views = [v[ok] for v in views] if failed else views
         say(format_report(self.report_, max_listed=5))
-        class_names = tuple(self.report_["class_counts"])
+        class_names = tuple(c for c, n in self.report_["class_counts"].items() if n)
         if len(class_names) < 2:
             raise FashionrecError(f"the catalog has {len(class_names)} usable class(es); "
                                   f"training needs at least 2 (see the report above)")
@@ -257,16 +309,9 @@ class Recommender:
                 f"{split['validation']} validate it, {split['heldout']} are held out "
                 f"(all {len(clean)} are indexed)")
         self.config = RunConfig.from_dict({
-            **cfg.resolved(catalog=True).to_dict(), "dataset": "catalog", "data_dir": None,
-            "n_train": len(train), "n_reco": len(clean)})
+            **self.config.to_dict(), "n_train": len(train), "n_reco": len(clean)})
         cfg = self.config
-        timings["setup_s"] = time.perf_counter() - t0
-
-        t = time.perf_counter()
-        self.extractor_ = FeatureExtractor(model, info, cfg.extract_batch_size)
         digest = clean.content_digest()
-        views = self._catalog_features(clean, digest, cache_dir, progress)
-        timings["extract_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         order = train[np.random.default_rng(cfg.seed).permutation(len(train))]
@@ -301,6 +346,7 @@ class Recommender:
             "n_skipped": self.report_["n_skipped"],
             "min_class_size": min_class_size,
             "content_sha256": digest,
+            "features_sha256": features_key,
             "split": {**split, "file": SPLIT_FILE},
             "catalog": "every readable image of the catalog",
         }
@@ -529,9 +575,10 @@ class Recommender:
         run (:meth:`_query`), ``(N, H, W)`` for Fashion-MNIST (one backbone pass for
         all the views of a batch of photo queries)."""
         views, cfg = self._views(), self.config
-        if isinstance(images, Catalog):
-            return [self.extractor.transform(images.images(cfg.image_size, fit, m), progress)
-                    for fit, m in views]
+        if isinstance(images, Catalog):  # each file decoded once for every view
+            feats = self.extractor.transform(images.images(cfg.image_size, views=views),
+                                             progress)
+            return [feats[:, v] for v in range(len(views))]
         images = np.asarray(images)
         if views == [(None, False)]:
             return [self.extractor.transform(images, progress)]
@@ -541,21 +588,36 @@ class Recommender:
         return np.split(feats, len(views))
 
     def _catalog_features(self, catalog, digest, cache_dir=None, progress=True,
-                          name="catalog"):
+                          name="catalog", runner=None, info=None):
         """Features of a checked catalog's images in every view of the run, from the
-        feature cache when it has them (one file per view)."""
+        feature cache when it has them (one file per view; each image decoded once for
+        all the views missing): ``(features per view, failed)``, ``failed`` mapping
+        the rows whose image could not be decoded to the reason."""
+        views, cfg = self._views(), self.config
+        images = catalog.images(cfg.image_size, views=views)
         if cache_dir is None:
-            return self._image_features(catalog, progress)
-        out, cfg = [], self.config
-        for fit, mirror in self._views():
-            images = catalog.images(cfg.image_size, fit, mirror)
+            if runner is not None:
+                raise FashionrecError("extraction with a runner writes into a feature "
+                                      "cache; give a cache folder")
+            failed = {}
+            per_view = [np.empty((len(catalog), self.extractor.info.feature_dim), np.float32)
+                        for _ in views]
+            for start, feats, bad in self.extractor.iter_batches(images, progress):
+                failed.update(bad)
+                for v, out in enumerate(per_view):
+                    out[start:start + len(feats)] = feats[:, v]
+            return per_view, failed
+        names, keys = [], []
+        for fit, mirror in views:
             plain = fit == "pad" and not mirror  # the key catalog runs always had
             tag = f"{fit}{'-mirror' if mirror else ''}"
-            key = digest if plain else hashlib.sha256(f"{digest}\0{tag}".encode()).hexdigest()
-            out.append(cached_features(self.extractor, images, cache_dir,
-                                       name if plain else f"{name}-{tag}", progress,
-                                       digest=key))
-        return out
+            names.append(name if plain else f"{name}-{tag}")
+            keys.append(digest if plain else
+                        hashlib.sha256(f"{digest}\0{tag}".encode()).hexdigest())
+        info = info if info is not None else self.extractor.info
+        cache = ViewCache(cache_dir, info, names, keys, len(catalog))
+        return cache.extract(self.extractor if runner is None else None, images, progress,
+                             desc=f"extract {name}", views=views, runner=runner)
 
     def catalog_features(self, cache_dir=None, progress=True):
         """Backbone features of every catalog item, in index-row order, one array per
@@ -574,9 +636,14 @@ class Recommender:
         cat = Catalog([str(i) for i in index.ids], [Path(p) for p in index.paths],
                       [None] * len(index), [""] * len(index), sha256=digests)
         digest = cat.content_digest()
-        trained = digest == self.metadata_["dataset"].get("content_sha256")
-        return self._catalog_features(cat, digest, cache_dir, progress,
-                                      "catalog" if trained else "catalog-now")
+        meta = self.metadata_["dataset"]
+        trained = digest == meta.get("features_sha256", meta.get("content_sha256"))
+        views, failed = self._catalog_features(cat, digest, cache_dir, progress,
+                                               "catalog" if trained else "catalog-now")
+        if failed:
+            row, reason = next(iter(failed.items()))
+            raise FashionrecError(f"item {index.ids[row]!r}: {reason}")
+        return views
 
     def _image_shape(self):
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]

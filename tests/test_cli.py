@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -86,14 +87,21 @@ def test_training_is_reproducible_across_processes(tmp_path, fmnist_dir):
     """Same seed, same data, two fresh processes: the same catalog vectors."""
     import numpy as np
 
-    vectors = []
+    vectors, outputs = [], []
     for name in ("a", "b"):
         run = tmp_path / name
-        subprocess.run([sys.executable, "-m", "fashionrec", "train", "--data-dir",
-                        str(fmnist_dir), "--n-train", "40", "--n-reco", "20", "--image-size",
-                        "32", "--epochs", "2", "--batch-size", "8", "--weights", "none",
-                        "--run-dir", str(run), "--no-progress"], check=True,
-                       capture_output=True)
+        outputs.append(subprocess.run(
+            [sys.executable, "-m", "fashionrec", "train", "--data-dir",
+             str(fmnist_dir), "--n-train", "40", "--n-reco", "20", "--image-size",
+             "32", "--epochs", "2", "--batch-size", "8", "--weights", "none",
+             "--run-dir", str(run), "--no-progress"], check=True, capture_output=True,
+            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": ""}))
         with h5py.File(run / "index.h5") as f:
             vectors.append(f["vectors"][:])
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
+    # quiet by default: what a user needs, the engine said on the first lines
+    out = outputs[0]
+    first = out.stdout.splitlines()[:4]
+    assert any(line.startswith("engine: ") for line in first), out.stdout
+    for noise in ("WARNING", "I0000", "oneDNN", "retracing", "Downloading data"):
+        assert noise not in out.stdout + out.stderr, noise

@@ -1,0 +1,151 @@
+"""Inference engines for the frozen backbone: the same network, run by Keras or by
+OpenVINO, in float32 or bfloat16.
+
+The head always stays in Keras; only the backbone (the bulk of a run's time) changes
+engine. ``auto`` picks OpenVINO in bfloat16 where OpenVINO is installed and the CPU
+computes bfloat16 natively (AVX-512 BF16 or AMX), else Keras in float32 (the recipe).
+The engine and precision a run used are part of its :class:`~fashionrec.extract.BackboneInfo`
+(so of its feature cache's key), and a saved run answers photo queries with the same.
+
+Example:
+    >>> model, info = build_backbone(weights="none", image_size=32)      # doctest: +SKIP
+    >>> engine = make_engine(model, "openvino", "bfloat16", 32)           # doctest: +SKIP
+    >>> engine(np.zeros((2, 32, 32, 3), np.float32)).shape                # doctest: +SKIP
+    (2, 2048)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .artifacts import cpu_info
+from .config import ENGINES, PRECISIONS
+from .errors import FashionrecError
+
+OPENVINO_HINT = "pip install 'fashionrec[openvino]'"
+
+
+def native_bf16(flags=None):
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX-BF16)."""
+    flags = cpu_info()[1] if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def openvino_version():
+    """OpenVINO's version, or ``None`` where it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.get_version()
+
+
+def resolve(engine="auto", precision="auto", flags=None, have_openvino=None):
+    """The concrete ``(engine, precision, why)`` for what was asked.
+
+    ``auto`` engine: OpenVINO where installed and the CPU has native bfloat16 (where
+    it is measured 2-4x faster than Keras at a feature cosine of 0.99998, see
+    ``experiments/bench_extract.py``), else Keras. ``auto`` precision: bfloat16 with
+    OpenVINO on such a CPU, else float32. Asking for something unknown, or for OpenVINO
+    where it is not installed, is a one-line :class:`FashionrecError`.
+    """
+    if engine not in ENGINES:
+        raise FashionrecError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if precision not in PRECISIONS:
+        raise FashionrecError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {precision!r}")
+    have_openvino = openvino_version() is not None if have_openvino is None else have_openvino
+    bf16 = native_bf16(flags)
+    if engine == "openvino" and not have_openvino:
+        raise FashionrecError(f"engine openvino: OpenVINO is not installed ({OPENVINO_HINT})")
+    why = "asked for"
+    if engine == "auto":
+        if have_openvino and bf16 and precision in ("auto", "bfloat16"):
+            engine, why = "openvino", "auto: OpenVINO installed, CPU has native bfloat16"
+        elif not have_openvino:
+            engine, why = "keras", f"auto: OpenVINO not installed ({OPENVINO_HINT} is faster)"
+        elif not bf16:
+            engine, why = "keras", "auto: this CPU has no native bfloat16"
+        else:
+            engine, why = "keras", "auto: float32 asked for"
+    if precision == "auto":
+        precision = "bfloat16" if engine == "openvino" and bf16 else "float32"
+    return engine, precision, why
+
+
+class KerasEngine:
+    """The backbone run by Keras (TensorFlow); ``bfloat16`` computes under Keras's
+    ``mixed_bfloat16`` policy with the same float32 weights."""
+
+    name = "keras"
+
+    def __init__(self, model, precision="float32"):
+        self.precision = precision
+        self.model = model if precision == "float32" else _mixed_bfloat16(model)
+
+    def __call__(self, x):
+        return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+
+
+class OpenVINOEngine:
+    """The backbone converted to OpenVINO (in memory, from the Keras model) and
+    compiled for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16; any batch size."""
+
+    name = "openvino"
+
+    def __init__(self, model, precision="float32", image_size=224):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise FashionrecError(f"engine openvino: OpenVINO is not installed "
+                                  f"({OPENVINO_HINT})") from None
+        import warnings
+
+        self.precision = precision
+        try:
+            with warnings.catch_warnings():  # Keras warns about the input's structure
+                warnings.simplefilter("ignore")
+                converted = ov.convert_model(model, input=[(-1, image_size, image_size, 3)])
+            self.compiled = ov.Core().compile_model(converted, "CPU", {
+                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+                "PERFORMANCE_HINT": "LATENCY"})
+        except Exception as exc:  # conversion and compilation raise many types
+            msg = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise FashionrecError(f"engine openvino could not compile the backbone "
+                                  f"({msg}); use --engine keras") from None
+
+    def __call__(self, x):
+        return np.asarray(self.compiled(np.ascontiguousarray(x, dtype=np.float32))[0],
+                          dtype=np.float32)
+
+
+def make_engine(model, engine, precision, image_size):
+    """An engine (a callable: preprocessed ``(N, S, S, 3)`` float32 -> ``(N, D)``
+    float32) running ``model``; ``engine`` and ``precision`` are concrete
+    (:func:`resolve`)."""
+    if engine == "keras":
+        return KerasEngine(model, precision)
+    if engine == "openvino":
+        return OpenVINOEngine(model, precision, image_size)
+    raise FashionrecError(f"unknown engine {engine!r}; one of keras, openvino")
+
+
+def _mixed_bfloat16(model):
+    """The same network under ``mixed_bfloat16`` (bf16 compute, float32 weights)."""
+    import keras
+
+    cfg = model.get_config()
+    for layer in cfg["layers"]:
+        if "dtype" in layer["config"] and layer["class_name"] != "InputLayer":
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    try:
+        clone = keras.Model.from_config(cfg, custom_objects=_custom_objects(model))
+    except Exception as exc:
+        raise FashionrecError(f"engine keras cannot run this backbone in bfloat16 "
+                              f"({type(exc).__name__}); use --precision float32") from None
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _custom_objects(model):
+    return {type(layer).__name__: type(layer) for layer in model.layers}
