@@ -644,9 +644,10 @@ COMMANDS = {"train": cmd_train, "extract": cmd_extract, "recommend": cmd_recomme
 
 def quiet(verbose=False):
     """Keep the output to what a user needs: TensorFlow's start-up lines (written by its
-    C++ libraries straight to the process's stderr while it is imported, whatever
-    ``TF_CPP_MIN_LOG_LEVEL`` says), its retracing warnings and library warnings are
-    hidden unless ``verbose``. A Python error while importing still surfaces."""
+    C++ libraries straight to the process's stderr while it is imported and looks for
+    devices, whatever ``TF_CPP_MIN_LOG_LEVEL`` says), its retracing warnings and library
+    warnings are hidden unless ``verbose``. A Python error while importing still
+    surfaces."""
     if verbose:
         return
     if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # one set by the user is kept
@@ -665,6 +666,10 @@ def quiet(verbose=False):
     os.dup2(devnull, 2)
     try:
         import keras  # noqa: F401  (imports TensorFlow, the Keras backend)
+        import tensorflow as tf
+
+        # device discovery: where there is no GPU, CUDA's "failed call to cuInit" comes here
+        tf.config.list_physical_devices()
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -382,10 +382,14 @@ def prefetch(jobs, workers=2, depth=4):
     """Run the callables ``jobs`` in ``workers`` background threads, at most ``depth``
     ahead of the consumer (memory stays flat), and yield their results in order. An
     exception in a job is raised here, at its turn; closing the generator early stops
-    the jobs not yet started."""
+    the jobs not yet started. ``workers=0`` runs them here, one by one."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    if workers == 0:
+        for job in jobs:
+            yield job()
+        return
     jobs = iter(jobs)
     pending = deque()
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fashionrec-decode") as pool:
@@ -473,9 +477,9 @@ class FeatureExtractor:
         total = sum(stop - start for start, stop in batches)
         with tqdm(total=total, unit="img", desc=desc, disable=not progress,
                   smoothing=0.1, dynamic_ncols=True) as bar:
+            workers = self.workers if len(batches) > 1 else 0  # one batch (a query): no threads
             for start, x, shape, failed in prefetch(
-                    (lambda b=b: job(*b) for b in batches), self.workers,
-                    depth=2 * self.workers):
+                    (lambda b=b: job(*b) for b in batches), workers, depth=2 * self.workers):
                 with self._lock:
                     feats = self.engine(x)
                 if len(shape) == 5:

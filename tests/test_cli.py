@@ -103,5 +103,6 @@ def test_training_is_reproducible_across_processes(tmp_path, fmnist_dir):
     out = outputs[0]
     first = out.stdout.splitlines()[:4]
     assert any(line.startswith("engine: ") for line in first), out.stdout
-    for noise in ("WARNING", "I0000", "oneDNN", "retracing", "Downloading data"):
+    for noise in ("WARNING", "I0000", "E0000", "cuInit", "oneDNN", "retracing",
+                  "Downloading data"):
         assert noise not in out.stdout + out.stderr, noise

@@ -151,3 +151,18 @@ def test_old_run_records_load_as_keras_float32():
            "seed": 1, "pooling": "avg"}
     info = BackboneInfo.from_dict(old)
     assert (info.engine, info.precision) == ("keras", "float32")
+
+
+def test_an_engine_that_fails_to_compile_is_one_line(monkeypatch, tiny):
+    ov = pytest.importorskip("openvino")
+    model, _ = build_backbone(tiny, image_size=32, log=None, engine="keras")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Check 'node' failed at src/core/\nunsupported operation Foo")
+
+    monkeypatch.setattr(ov, "convert_model", broken)
+    with pytest.raises(FashionrecError) as err:
+        en.make_engine(model, "openvino", "bfloat16", 32)
+    message = str(err.value)
+    assert "\n" not in message and "unsupported operation Foo" in message
+    assert "--engine keras" in message
