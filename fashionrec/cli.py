@@ -22,6 +22,7 @@ from .config import (
     PRECISIONS,
     RECIPE_DEFAULTS,
     SEARCH_CHOICES,
+    TRAIN_ON,
     RunConfig,
 )
 from .errors import FashionrecError
@@ -105,6 +106,10 @@ def build_parser():
                         "class) for an honest `fashionrec evaluate`; they are still indexed. "
                         "Split folders (train/ validation/ test/) hold test/ out by themselves")
     _view_options(c)
+    c.add_argument("--train-on", choices=TRAIN_ON, default=CATALOG_OPTIONS["train_on"],
+                   help="split folders: which products train the head: train (validation/ "
+                        "draws the validation curve) or, once settings are chosen, "
+                        "train+validation (default: %(default)s)")
 
     x = sub.add_parser(
         "extract", help="only extract a catalog's features into a run's feature cache",
@@ -324,7 +329,7 @@ def _search_kwargs(args):
 CATALOG_OPTIONS = {"label_depth": 1, "label_column": "label", "id_column": "id",
                     "image_column": None, "image_pattern": "images/{id}.jpg",
                     "category_columns": None, "min_class_size": 5, "holdout": None,
-                    "image_fit": None, "flip": None}
+                    "image_fit": None, "flip": None, "train_on": "train"}
 
 
 def _catalog_options(group, defaults=True):
@@ -411,7 +416,8 @@ def _train_catalog(args):
         epochs=args.epochs, learning_rate=args.learning_rate, pooling=args.pooling,
         batch_size=args.batch_size, dropout=args.dropout, weights=args.weights,
         backbone=args.backbone, engine=args.engine, precision=args.precision,
-        extract_batch_size=args.extract_batch_size, seed=args.seed, **_search_kwargs(args),
+        extract_batch_size=args.extract_batch_size, seed=args.seed, train_on=args.train_on,
+        **_search_kwargs(args),
     )
     run_dir = Path(args.run_dir)
     catalog = Catalog.read(args.catalog, **_catalog_kwargs(args))

@@ -22,6 +22,7 @@ POOLINGS = ("avg", "gem")
 ENGINES = ("auto", "keras", "openvino")  # what runs the backbone (fashionrec.engine)
 PRECISIONS = ("auto", "float32", "bfloat16")
 SEARCH_CHOICES = ("auto", "exact", "hnsw")
+TRAIN_ON = ("train", "train+validation")  # which products of a split catalog train the head
 
 
 @dataclass
@@ -54,6 +55,10 @@ class RunConfig:
             (global average pooling, the recipe) or ``"gem"`` (generalized mean, p=3).
             ``None`` (default): ``avg`` for Fashion-MNIST, ``gem`` for product catalogs
             (measured better on real photos: ``experiments/real_photos.py pooling``).
+        train_on: product catalogs with a validation split (split folders): the head
+            trains on ``"train"`` (the validation products give its validation curve)
+            or, once the settings are chosen, on ``"train+validation"`` (more examples,
+            no validation curve). Held-out products never train it.
         epochs, batch_size, learning_rate, dropout, validation_split: head training;
             ``epochs`` and ``learning_rate`` left at ``None`` take the kind of run's
             default (:meth:`resolved`): 32 and 4e-4 for Fashion-MNIST (the recipe), 64
@@ -87,6 +92,7 @@ class RunConfig:
     learning_rate: float | None = None
     dropout: float = 0.7
     validation_split: float = 0.2
+    train_on: str = "train"
     backbone: str = "resnet50"
     weights: str = "imagenet"
     extract_batch_size: int = 32
@@ -139,6 +145,9 @@ class RunConfig:
                                   f"got {self.precision!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
+        if self.train_on not in TRAIN_ON:
+            raise FashionrecError(f"train_on must be one of {', '.join(TRAIN_ON)}, "
+                                  f"got {self.train_on!r}")
         if self.search not in SEARCH_CHOICES:
             raise FashionrecError(f"search must be one of {', '.join(SEARCH_CHOICES)}, "
                                   f"got {self.search!r}")

@@ -298,16 +298,24 @@ class Recommender:
                                   f"training needs at least 2 (see the report above)")
         y = np.array([class_names.index(label) for label in clean.labels], dtype=np.int64)
         roles = assign_splits(clean, holdout, cfg.seed)
-        train = np.flatnonzero(roles == "train")
+        fit_roles = ["train"] + (["validation"] if cfg.train_on == "train+validation" else [])
+        if cfg.train_on != "train" and not (roles == "validation").any():
+            raise FashionrecError("train_on train+validation needs a validation split "
+                                  "(split folders with validation/ or val/)")
+        train = np.flatnonzero(np.isin(roles, fit_roles))
         if len(np.unique(y[train])) < 2:
             raise FashionrecError("the products left to train on cover fewer than 2 classes")
         self.split_ = CatalogSplit.from_roles(clean.ids, roles, holdout, cfg.seed,
                                               split_folders=clean.splits is not None)
         split = self.split_.summary(len(clean))
-        if split["method"] != "none":
+        if split["method"] != "none" and cfg.train_on == "train":
             say(f"split ({split['method']}): {split['train']} products train the head, "
                 f"{split['validation']} validate it, {split['heldout']} are held out "
                 f"(all {len(clean)} are indexed)")
+        elif split["method"] != "none":
+            say(f"split ({split['method']}): {len(train)} products of train and validation "
+                f"train the head, {split['heldout']} are held out (all {len(clean)} are "
+                f"indexed)")
         self.config = RunConfig.from_dict({
             **self.config.to_dict(), "n_train": len(train), "n_reco": len(clean)})
         cfg = self.config
@@ -315,7 +323,7 @@ class Recommender:
 
         t = time.perf_counter()
         order = train[np.random.default_rng(cfg.seed).permutation(len(train))]
-        val = np.flatnonzero(roles == "validation")
+        val = np.flatnonzero(roles == "validation") if cfg.train_on == "train" else []
         # every view of a product (mirrored, cropped) is one more example to learn from
         mix = np.random.default_rng(cfg.seed + 1).permutation(len(views) * len(order))
         x_fit = np.concatenate([v[order] for v in views])[mix]
@@ -369,7 +377,9 @@ class Recommender:
         return ClassifierHead(
             n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, dropout=cfg.dropout,
-            validation_split=cfg.validation_split, seed=cfg.seed,
+            # trained on train+validation: nothing is left for a validation curve
+            validation_split=0.0 if cfg.train_on != "train" else cfg.validation_split,
+            seed=cfg.seed,
             verbose="auto" if progress else 0,
         )
 

@@ -112,6 +112,25 @@ def test_split_folder_run_never_trains_on_test_or_validation(tmp_path, fitted_wi
     assert rec.metadata_["dataset"]["split"]["heldout"] == 9
 
 
+def test_train_on_train_and_validation_never_trains_on_test(tmp_path, fitted_with):
+    ids = make_split_catalog(tmp_path / "shop")
+    rec = Recommender(**TINY, train_on="train+validation").fit_catalog(
+        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
+    feats = rec.catalog_features(progress=False)[0]
+    (call,) = fitted_with
+    trained = sorted(str(rec.index_.ids[r]) for r in _rows_of(feats, call["X"]))
+    assert trained == sorted(ids["train"] + ids["validation"])
+    assert call["validation_data"] is None and rec.head_.validation_split == 0.0
+    assert "val_accuracy" not in rec.head_.history_
+    assert rec.metadata_["config"]["train_on"] == "train+validation"
+    assert rec.metadata_["config"]["n_train"] == len(ids["train"]) + len(ids["validation"])
+    assert sorted(rec.split_.heldout_ids) == sorted(ids["test"])
+    make_split_catalog(tmp_path / "noval", {"train": 5, "test": 2})
+    with pytest.raises(FashionrecError, match="needs a validation split"):
+        Recommender(**TINY, train_on="train+validation").fit_catalog(
+            Catalog.from_folder(tmp_path / "noval"), progress=False, log=None)
+
+
 def test_holdout_run_records_and_reloads_its_held_out_products(tmp_path, fitted_with):
     root = tmp_path / "shop"
     make_folder_catalog(root)
