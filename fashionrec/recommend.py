@@ -220,10 +220,10 @@ class Recommender:
         say = log or (lambda *_: None)
         listed, _, failed, info = self._extract_catalog(catalog, min_class_size, cache_dir,
                                                         progress, say, {}, runner)
-        names = [p.name for p in Path(cache_dir).glob(f"catalog*-{info.fingerprint}.h5")]
+        cache = self._view_cache(cache_dir, info, listed.content_digest(), len(listed))
         return {"n_items": len(listed), "n_failed": len(failed),
                 "failed": {listed.ids[r]: why for r, why in sorted(failed.items())},
-                "files": sorted(names)}
+                "files": [p.name for p in cache.paths]}
 
     def _extract_catalog(self, catalog, min_class_size, cache_dir, progress, say, timings,
                          runner=None):
@@ -617,17 +617,22 @@ class Recommender:
                 for v, out in enumerate(per_view):
                     out[start:start + len(feats)] = feats[:, v]
             return per_view, failed
+        info = info if info is not None else self.extractor.info
+        cache = self._view_cache(cache_dir, info, digest, len(catalog), name)
+        return cache.extract(self.extractor if runner is None else None, images, progress,
+                             desc=f"extract {name}", views=views, runner=runner)
+
+    def _view_cache(self, cache_dir, info, digest, n, name="catalog"):
+        """The feature cache of ``n`` catalog images (content ``digest``) in every view
+        of the run: one file per view, named and keyed as catalog runs always were."""
         names, keys = [], []
-        for fit, mirror in views:
+        for fit, mirror in self._views():
             plain = fit == "pad" and not mirror  # the key catalog runs always had
             tag = f"{fit}{'-mirror' if mirror else ''}"
             names.append(name if plain else f"{name}-{tag}")
             keys.append(digest if plain else
                         hashlib.sha256(f"{digest}\0{tag}".encode()).hexdigest())
-        info = info if info is not None else self.extractor.info
-        cache = ViewCache(cache_dir, info, names, keys, len(catalog))
-        return cache.extract(self.extractor if runner is None else None, images, progress,
-                             desc=f"extract {name}", views=views, runner=runner)
+        return ViewCache(cache_dir, info, names, keys, n)
 
     def catalog_features(self, cache_dir=None, progress=True):
         """Backbone features of every catalog item, in index-row order, one array per
