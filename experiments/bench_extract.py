@@ -276,7 +276,8 @@ def memory_child(n, args):
     ds = load_dataset("fashion_mnist")
     images = np.concatenate([ds.x_train, ds.x_test])[:n]
     base_rss = peak_rss_mb()
-    model, info = build_backbone(args.backbone, args.weights, args.image_size, log=None)
+    model, info = build_backbone(args.backbone, args.weights, args.image_size, log=None,
+                                 engine="auto", precision="auto")
     ext = FeatureExtractor(model, info, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

@@ -375,7 +375,9 @@ def to_model_input(images, image_size):
         x = keras.ops.image.resize(x, (image_size, image_size), interpolation="bilinear")
     if x.shape[-1] == 1:
         x = keras.ops.repeat(x, 3, axis=-1)
-    return preprocess_input(x)
+    # contiguous here (preprocess_input's RGB -> BGR is a reversed view), so the copy is
+    # made in the decoding threads, not on the engine's critical path
+    return np.ascontiguousarray(preprocess_input(x))
 
 
 def prefetch(jobs, workers=2, depth=4):
