@@ -115,6 +115,13 @@ def test_unreadable_files_are_reported_with_their_rows_not_fatal(shop):
 
 def test_training_decodes_in_the_pipeline_and_reports_truncated_files(shop, tmp_path):
     root, good, bad = shop
+    # a JPEG cut after its header: only decoding it (in the pipeline) finds out
+    jpg = (root / good[0]).read_bytes()
+    cut = root / "Shoes/Boots/brand0/cut-late.jpg"
+    cut.write_bytes(jpg[: int(len(jpg) * 0.9)])
+    bad = {**bad, "Shoes/Boots/brand0/cut-late.jpg": "unreadable image"}
+    listed, _ = Catalog.from_files([cut]).check(progress=False, decode=False)
+    assert len(listed) == 1  # the header check lets it through
     catalog = Catalog.from_folder(root, label_depth=2)
     rec = Recommender(**TINY).fit_catalog(catalog, min_class_size=5,
                                           cache_dir=tmp_path / "f", progress=False, log=None)
