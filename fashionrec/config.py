@@ -134,23 +134,15 @@ class RunConfig:
             if not all(p in FITS for p in parts) or len(set(parts)) < len(parts):
                 raise FashionrecError(f"image_fit must be one or more of {', '.join(FITS)} "
                                       f"joined by '+', got {self.image_fit!r}")
-        if self.pooling not in (None, *POOLINGS):
-            raise FashionrecError(f"pooling must be one of {', '.join(POOLINGS)}, "
-                                  f"got {self.pooling!r}")
-        if self.engine not in ENGINES:
-            raise FashionrecError(f"engine must be one of {', '.join(ENGINES)}, "
-                                  f"got {self.engine!r}")
-        if self.precision not in PRECISIONS:
-            raise FashionrecError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                                  f"got {self.precision!r}")
+        for name, choices in (("pooling", (None, *POOLINGS)), ("engine", ENGINES),
+                              ("precision", PRECISIONS), ("train_on", TRAIN_ON),
+                              ("search", SEARCH_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise FashionrecError(
+                    f"{name} must be one of {', '.join(c for c in choices if c)}, "
+                    f"got {getattr(self, name)!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
-        if self.train_on not in TRAIN_ON:
-            raise FashionrecError(f"train_on must be one of {', '.join(TRAIN_ON)}, "
-                                  f"got {self.train_on!r}")
-        if self.search not in SEARCH_CHOICES:
-            raise FashionrecError(f"search must be one of {', '.join(SEARCH_CHOICES)}, "
-                                  f"got {self.search!r}")
         if not 0.0 <= self.validation_split < 1.0:
             raise FashionrecError(
                 f"validation_split must be in [0, 1), got {self.validation_split!r}"

@@ -571,18 +571,18 @@ class ViewCache:
             pass  # unreadable or foreign: extracted again
         return None
 
+    def _read_views(self):
+        """Each view's ``(features, failed)`` from its file, ``None`` where not (validly)
+        cached: every file read once."""
+        return [self._read(p, k) if p.is_file() else None
+                for p, k in zip(self.paths, self.keys, strict=True)]
+
     def load(self):
         """``(features per view, failed rows)`` if every view is cached, else ``None``."""
-        got = [self._read(p, k) if p.is_file() else None
-               for p, k in zip(self.paths, self.keys, strict=True)]
+        got = self._read_views()
         if any(g is None for g in got):
             return None
         return [g[0] for g in got], got[0][1]
-
-    def missing(self):
-        """Positions of the views not (validly) cached."""
-        return [v for v, (p, k) in enumerate(zip(self.paths, self.keys, strict=True))
-                if not p.is_file() or self._read(p, k) is None]
 
     def partial_path(self, views):
         return self.paths[views[0]].with_suffix(".partial.h5")
@@ -647,10 +647,10 @@ class ViewCache:
         with ``iter_batches(images, progress, desc, skip)`` yielding ``(start, features,
         failed)`` like :meth:`FeatureExtractor.iter_batches`, in any order (e.g.
         :class:`fashionrec.distributed.RayExtractor`)."""
-        cached = self.load()
-        if cached is not None:
-            return cached
-        todo = self.missing()
+        got = self._read_views()
+        todo = [v for v, g in enumerate(got) if g is None]
+        if not todo:
+            return [g[0] for g in got], got[0][1]
         if views is not None and len(todo) < len(self.paths):
             images = images.only_views(todo)  # decode once, for the missing views only
         partial = self.open_partial(todo)
@@ -667,4 +667,6 @@ class ViewCache:
         finally:
             if partial.id.valid:
                 partial.close()
-        return self.load()
+        for v in todo:  # only the files just written are read back
+            got[v] = self._read(self.paths[v], self.keys[v])
+        return [g[0] for g in got], got[0][1]

@@ -580,15 +580,16 @@ class Recommender:
     def _image_features(self, images, progress=False):
         """Backbone features of every view of some images, one array per view.
 
-        ``images``: a :class:`~fashionrec.catalog.Catalog` (its files are read once
-        per view), or prepared query images, ``(N, n_fits, S, S, 3)`` for a catalog
+        ``images``: a :class:`~fashionrec.catalog.Catalog` (each file decoded once
+        for all the views; an unreadable one raises its one-line error), or prepared query images, ``(N, n_fits, S, S, 3)`` for a catalog
         run (:meth:`_query`), ``(N, H, W)`` for Fashion-MNIST (one backbone pass for
         all the views of a batch of photo queries)."""
         views, cfg = self._views(), self.config
         if isinstance(images, Catalog):  # each file decoded once for every view
-            feats = self.extractor.transform(images.images(cfg.image_size, views=views),
-                                             progress)
-            return [feats[:, v] for v in range(len(views))]
+            feats, failed = self._catalog_features(images, None, None, progress)
+            if failed:
+                raise FashionrecError(next(iter(failed.values())))
+            return feats
         images = np.asarray(images)
         if views == [(None, False)]:
             return [self.extractor.transform(images, progress)]
