@@ -577,7 +577,7 @@ def _rgb(img):
         arr = np.asarray(img, dtype=np.float64)
         span = max(float(arr.max() - arr.min()), 1e-12)
         img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _fit_rgb(rgb, size, fit="pad", mirror=False):
@@ -619,11 +619,22 @@ class ImageFiles:
         return ImageFiles(self.paths, self.size, self.fit, self.mirror,
                           [self.views[p] for p in positions])
 
-    def _read(self, path):
+    def _read(self, path, out=None):
+        """One file's item (into ``out``, a row of the batch, where given)."""
         if self.views is None:
-            return read_image(path, self.size, self.fit, self.mirror)
-        rgb = _rgb(open_image(path))
-        return np.stack([_fit_rgb(rgb, self.size, f, m) for f, m in self.views])
+            img = read_image(path, self.size, self.fit, self.mirror)
+        else:
+            rgb = _rgb(open_image(path))
+            # a mirror view is its fitted square flipped (ImageOps.mirror's very pixels),
+            # so each fit is resized once however many views use it
+            fitted = {f: _fit_rgb(rgb, self.size, f) for f in dict.fromkeys(f for f, _ in self.views)}
+            img = out if out is not None else np.empty(self.shape[1:], np.uint8)
+            for v, (f, m) in enumerate(self.views):
+                img[v] = fitted[f][:, ::-1] if m else fitted[f]
+            return img
+        if out is not None:
+            out[...] = img
+        return img
 
     def __getitem__(self, key):
         if not isinstance(key, slice):
@@ -641,8 +652,9 @@ class ImageFiles:
         failed = {}
         for i, path in enumerate(paths):
             try:
-                out[i] = self._read(path)
+                self._read(path, out[i])
             except FashionrecError as exc:
+                out[i] = 255
                 failed[start + i] = str(exc)
         return out, failed
 

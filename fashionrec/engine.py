@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .artifacts import cpu_info
@@ -82,14 +84,30 @@ class KerasEngine:
     def __init__(self, model, precision="float32"):
         self.precision = precision
         self.model = model if precision == "float32" else _mixed_bfloat16(model)
+        self._lock = threading.Lock()  # one backbone call at a time (a server's threads)
 
     def __call__(self, x):
-        return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+        if len(x) == 0:  # Keras cannot predict on an empty batch
+            return np.empty((0, self.model.output_shape[-1]), np.float32)
+        with self._lock:
+            return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+
+    def map(self, batches):
+        """``(key, x)`` pairs in, ``(key, features)`` out, in order, one call each."""
+        for key, x in batches:
+            yield key, self(x)
 
 
 class OpenVINOEngine:
     """The backbone converted to OpenVINO (in memory, from the Keras model) and
-    compiled for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16; any batch size."""
+    compiled for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16; any batch size.
+
+    Compiled for throughput: each batch is cut into one slice per OpenVINO stream (one
+    per core or pair of cores, as it chooses), and :meth:`map` keeps the next batch's
+    slices queued behind the current ones, so no stream waits for another at the end of
+    a batch (a core that is busy decoding images holds up only its own slice). Calls
+    from several threads are safe: each takes its own infer requests.
+    """
 
     name = "openvino"
 
@@ -99,6 +117,7 @@ class OpenVINOEngine:
         except ImportError:
             raise FashionrecError(f"engine openvino: OpenVINO is not installed "
                                   f"({OPENVINO_HINT})") from None
+        import queue
         import warnings
 
         self.precision = precision
@@ -108,21 +127,67 @@ class OpenVINOEngine:
                 converted = ov.convert_model(model, input=[(-1, image_size, image_size, 3)])
             self.compiled = ov.Core().compile_model(converted, "CPU", {
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
-                "PERFORMANCE_HINT": "LATENCY"})
+                "PERFORMANCE_HINT": "THROUGHPUT"})
+            self.streams = max(1, int(self.compiled.get_property(
+                "OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            self.dim = self.compiled.output(0).get_partial_shape()[-1].get_length()
         except Exception as exc:  # conversion and compilation raise many types
             msg = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise FashionrecError(f"engine openvino could not compile the backbone "
                                   f"({msg}); use --engine keras") from None
+        self._idle = queue.SimpleQueue()  # sets of infer requests between calls
 
     def __call__(self, x):
-        return np.asarray(self.compiled(np.ascontiguousarray(x, dtype=np.float32))[0],
-                          dtype=np.float32)
+        return next(self.map([(None, x)]))[1]
+
+    def map(self, batches):
+        """``(key, x)`` pairs in, ``(key, features)`` out, in order; two batches in
+        flight (``2 x streams`` infer requests)."""
+        from collections import deque
+
+        try:
+            requests = self._idle.get_nowait()
+        except Exception:  # queue.Empty: none idle, this call makes its own
+            requests = [self.compiled.create_infer_request() for _ in range(2 * self.streams)]
+        free, pending = deque(requests), deque()
+
+        def collect():
+            key, out, parts = pending.popleft()
+            for request, lo, hi in parts:
+                request.wait()
+                out[lo:hi] = request.get_output_tensor(0).data
+                free.append(request)
+            return key, out
+
+        try:
+            for key, x in batches:
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                bounds = np.linspace(0, len(x), min(self.streams, len(x)) + 1).astype(int)
+                while len(free) < len(bounds) - 1:
+                    yield collect()
+                parts = []
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                    request = free.popleft()
+                    request.start_async({0: x[lo:hi]})  # inputs copied into the request
+                    parts.append((request, lo, hi))
+                pending.append((key, np.empty((len(x), self.dim), np.float32), parts))
+            while pending:
+                yield collect()
+        finally:
+            for _, _, parts in pending:  # stopped early: let the started slices finish
+                for request, _, _ in parts:
+                    try:
+                        request.wait()
+                    except Exception:  # noqa: S110 - its error was raised already
+                        pass
+            self._idle.put(requests)
 
 
 def make_engine(model, engine, precision, image_size):
-    """An engine (a callable: preprocessed ``(N, S, S, 3)`` float32 -> ``(N, D)``
-    float32) running ``model``; ``engine`` and ``precision`` are concrete
-    (:func:`resolve`)."""
+    """An engine running ``model``: ``engine(x)`` maps a preprocessed ``(N, S, S, 3)``
+    float32 batch to ``(N, D)`` float32 features, ``engine.map(pairs)`` streams
+    ``(key, x)`` batches to ``(key, features)`` in order. ``engine`` and ``precision``
+    are concrete (:func:`resolve`)."""
     if engine == "keras":
         return KerasEngine(model, precision)
     if engine == "openvino":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -440,7 +439,6 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.workers = decode_workers() if workers is None else workers
         self.engine = make_engine(model, info.engine, info.precision, info.image_size)
-        self._lock = threading.Lock()  # one backbone call at a time (threads of a server)
 
     def _batches(self, images, skip=None):
         """``(start, stop)`` of each batch to compute (``skip``: rows already done); a
@@ -480,10 +478,10 @@ class FeatureExtractor:
         with tqdm(total=total, unit="img", desc=desc, disable=not progress,
                   smoothing=0.1, dynamic_ncols=True) as bar:
             workers = self.workers if len(batches) > 1 else 0  # one batch (a query): no threads
-            for start, x, shape, failed in prefetch(
-                    (lambda b=b: job(*b) for b in batches), workers, depth=2 * self.workers):
-                with self._lock:
-                    feats = self.engine(x)
+            prepared = prefetch((lambda b=b: job(*b) for b in batches), workers,
+                                depth=2 * self.workers)
+            for (start, shape, failed), feats in self.engine.map(
+                    ((start, shape, failed), x) for start, x, shape, failed in prepared):
                 if len(shape) == 5:
                     feats = feats.reshape(shape[0], shape[1], -1)
                 yield start, feats, failed

@@ -125,6 +125,39 @@ def test_openvino_runs_gem_pooling_and_any_batch_size(tiny):
     assert np.abs(batched - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("engine", ["keras", "openvino"])
+def test_map_streams_batches_in_order_and_threads_share_an_engine(tiny, engine):
+    """``engine.map`` (what extraction runs: OpenVINO keeps the next batch queued)
+    answers every batch as a call on it alone would, in order with its key, for batch
+    sizes 0, 1 and more; stopping it early, or calling from several threads at once,
+    leaves the engine giving the same answers."""
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fashionrec.extract import to_model_input
+
+    model, info = build_backbone(tiny, image_size=32, log=None, engine=engine,
+                                 precision="float32")
+    eng = en.make_engine(model, info.engine, info.precision, 32)
+    x = to_model_input(IMAGES, 32)
+    ref = np.asarray(model.predict_on_batch(x))  # Keras itself, one call
+    cuts = [(0, 5), (5, 5), (5, 6), (6, 12), (0, 12)]
+    got = list(eng.map(((lo, hi), x[lo:hi]) for lo, hi in cuts))
+    assert [key for key, _ in got] == cuts
+    for (lo, hi), feats in got:
+        assert feats.shape == (hi - lo, ref.shape[1])
+        np.testing.assert_allclose(feats, ref[lo:hi], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    stream = eng.map((i, x) for i in range(5))
+    next(stream)
+    stream.close()  # batches still in flight are finished and put away
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: eng(x[i:i + 4]), range(0, 12, 2)))
+    for i, feats in zip(range(0, 12, 2), answers, strict=True):
+        np.testing.assert_allclose(feats, ref[i:i + 4], rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())
+
+
 # ----------------------------------------------------------------- keys
 def test_cache_key_changes_with_engine_and_precision_and_keeps_old_keys():
     info = BackboneInfo("custom", "saved-model", 8, 32, model_path="m.keras",

@@ -81,13 +81,17 @@ def shop(tmp_path_factory):
 def test_each_image_is_decoded_once_for_all_views(shop, monkeypatch):
     root, good, _ = shop
     paths = [root / g for g in good[:7]]
-    calls = []
-    real = catalog_module.open_image
+    calls, fits = [], []
+    real, real_fit = catalog_module.open_image, catalog_module.fit_square
     monkeypatch.setattr(catalog_module, "open_image", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(catalog_module, "fit_square",
+                        lambda img, size, fit: fits.append(fit) or real_fit(img, size, fit))
     files = ImageFiles(paths, 32, views=VIEWS)
     images, failed = files.load(0, len(files))
     assert images.shape == (7, 4, 32, 32, 3) and not failed
     assert len(calls) == 7
+    assert sorted(fits) == ["crop"] * 7 + ["pad"] * 7  # a mirror view is not resized again
+    monkeypatch.undo()
     for v, (fit, mirror) in enumerate(VIEWS):  # each view as reading it alone gives
         alone = ImageFiles(paths, 32, fit, mirror)[0:7]
         np.testing.assert_array_equal(images[:, v], alone)
