@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import numpy as np
@@ -72,6 +73,9 @@ def resolve(engine="auto", precision="auto", flags=None, have_openvino=None):
             engine, why = "keras", "auto: float32 asked for"
     if precision == "auto":
         precision = "bfloat16" if engine == "openvino" and bf16 else "float32"
+    elif precision == "bfloat16" and not bf16:
+        why += ("; this CPU has no native bfloat16: expect it slower than float32, and "
+                "features that differ slightly from a bfloat16 CPU's")
     return engine, precision, why
 
 
@@ -117,7 +121,6 @@ class OpenVINOEngine:
         except ImportError:
             raise FashionrecError(f"engine openvino: OpenVINO is not installed "
                                   f"({OPENVINO_HINT})") from None
-        import queue
         import warnings
 
         self.precision = precision
@@ -138,7 +141,11 @@ class OpenVINOEngine:
         self._idle = queue.SimpleQueue()  # sets of infer requests between calls
 
     def __call__(self, x):
-        return next(self.map([(None, x)]))[1]
+        stream = self.map([(None, x)])
+        try:
+            return next(stream)[1]
+        finally:
+            stream.close()
 
     def map(self, batches):
         """``(key, x)`` pairs in, ``(key, features)`` out, in order; two batches in
@@ -147,7 +154,7 @@ class OpenVINOEngine:
 
         try:
             requests = self._idle.get_nowait()
-        except Exception:  # queue.Empty: none idle, this call makes its own
+        except queue.Empty:  # none idle: this call makes its own
             requests = [self.compiled.create_infer_request() for _ in range(2 * self.streams)]
         free, pending = deque(requests), deque()
 

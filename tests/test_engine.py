@@ -67,6 +67,16 @@ def test_explicit_choices_are_kept():
         "keras", "float32")
 
 
+def test_bfloat16_asked_for_without_native_bf16_says_so():
+    """A run asked to compute in bfloat16 where the CPU has none says, on its engine
+    line, that it is not the measured fast path."""
+    for engine in ("openvino", "keras"):
+        why = en.resolve(engine, "bfloat16", flags={"avx2"}, have_openvino=True)[2]
+        assert "no native bfloat16" in why
+    assert "no native" not in en.resolve("openvino", "bfloat16", flags={"avx512_bf16"},
+                                         have_openvino=True)[2]
+
+
 def test_unknown_or_missing_engine_is_one_line():
     with pytest.raises(FashionrecError, match="engine must be one of"):
         en.resolve("tensorrt")
