@@ -620,21 +620,21 @@ class ImageFiles:
                           [self.views[p] for p in positions])
 
     def _read(self, path, out=None):
-        """One file's item (into ``out``, a row of the batch, where given)."""
+        """One file's item, written into ``out`` (a row of the batch) where given."""
         if self.views is None:
             img = read_image(path, self.size, self.fit, self.mirror)
-        else:
-            rgb = _rgb(open_image(path))
-            # a mirror view is its fitted square flipped (ImageOps.mirror's very pixels),
-            # so each fit is resized once however many views use it
-            fitted = {f: _fit_rgb(rgb, self.size, f) for f in dict.fromkeys(f for f, _ in self.views)}
-            img = out if out is not None else np.empty(self.shape[1:], np.uint8)
-            for v, (f, m) in enumerate(self.views):
-                img[v] = fitted[f][:, ::-1] if m else fitted[f]
-            return img
-        if out is not None:
+            if out is None:
+                return img
             out[...] = img
-        return img
+            return out
+        rgb = _rgb(open_image(path))
+        # a mirror view is its fitted square flipped (ImageOps.mirror's very pixels), so
+        # each fit is resized once however many views use it
+        fitted = {f: _fit_rgb(rgb, self.size, f) for f in dict.fromkeys(f for f, _ in self.views)}
+        out = np.empty(self.shape[1:], np.uint8) if out is None else out
+        for v, (f, m) in enumerate(self.views):
+            out[v] = fitted[f][:, ::-1] if m else fitted[f]
+        return out
 
     def __getitem__(self, key):
         if not isinstance(key, slice):

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 
@@ -183,10 +184,8 @@ class OpenVINOEngine:
         finally:
             for _, _, parts in pending:  # stopped early: let the started slices finish
                 for request, _, _ in parts:
-                    try:
+                    with contextlib.suppress(Exception):  # an error was raised already
                         request.wait()
-                    except Exception:  # noqa: S110 - its error was raised already
-                        pass
             self._idle.put(requests)
 
 
