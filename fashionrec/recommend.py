@@ -845,7 +845,10 @@ class Recommender:
         store = self._store()
         for item_id in catalog.ids:  # ids of the wrong kind stop us before any work
             self._check_new_id(self.index_.parse_id(item_id))
-        clean, report = catalog.check(min_class_size=1, progress=progress)
+        # a catalog run decodes each new image once, in the extractor, which reports a
+        # file that does not decode; a Fashion-MNIST run reads them here
+        clean, report = catalog.check(min_class_size=1, progress=progress,
+                                      decode=not self.is_catalog)
         keep, labels, skipped = [], [], list(report["skipped"])
         for i, (item_id, label) in enumerate(zip(clean.ids, clean.labels, strict=True)):
             reason = None
@@ -862,17 +865,24 @@ class Recommender:
             keep.append(i)
             labels.append(None if label is None else self.class_names.index(label))
         clean = clean.subset(keep)
-        ids = [self.index_.parse_id(i) for i in clean.ids]
         result = {"n_added": 0, "added": [], "skipped": skipped}
+        feats = stored_images = None
+        if self.is_catalog and len(clean):
+            feats, failed = self._catalog_features(clean, None, None, progress)
+            if failed:
+                good = [i for i in range(len(clean)) if i not in failed]
+                clean, dropped = clean.drop_failed(failed, {"skipped": []})
+                skipped += dropped["skipped"]
+                labels = [labels[i] for i in good]
+                feats = [f[good] for f in feats]
         if not len(clean):
             say("add: no usable new products")
             return result
-        if self.is_catalog:
-            images, stored_images = clean, None
-        else:  # a Fashion-MNIST catalog stores 28x28 gray images; the new items too
+        ids = [self.index_.parse_id(i) for i in clean.ids]
+        if not self.is_catalog:  # a Fashion-MNIST catalog stores 28x28 gray images
             stored_images = np.stack([load_image(p, self._image_shape()) for p in clean.paths])
-            images = stored_images
-        probs, emb = self.head_outputs(self._image_features(images, progress))
+            feats = self._image_features(stored_images, progress)
+        probs, emb = self.head_outputs(feats)
         predicted = probs.argmax(axis=1)
         labels = [int(p) if lab is None else lab for lab, p in zip(labels, predicted, strict=True)]
         part = CatalogIndex(

@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 from catalogs import CLASSES, draw_product, make_csv_catalog, make_folder_catalog
 
 from fashionrec import FashionrecError, Recommender
+from fashionrec import catalog as catalog_module
 from fashionrec.artifacts import read_json
-from fashionrec.catalog import Catalog
+from fashionrec.catalog import Catalog, verify_image
 from fashionrec.cli import main
 
 TINY = dict(image_size=32, weights="none", epochs=2, batch_size=8, extract_batch_size=16)
@@ -130,21 +132,33 @@ def test_round_trip_in_a_fresh_process(shop, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == here
 
 
-def test_add_then_remove_then_query(shop_copy, tmp_path):
+def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
     rec, run_dir, _ = shop_copy
     base_size = (run_dir / "index.h5").stat().st_size
     paths = [new_image(tmp_path, "a.jpg", seed=11), new_image(tmp_path, "b.png", "Bags/Totes"),
              new_image(tmp_path, "c.webp", seed=12)]
     broken = tmp_path / "d.jpg"
     broken.write_bytes(b"\xff\xd8\xff nope")
-    catalog = Catalog.from_files(paths + [broken], ids=["new-a", "new-b", "new-c", "new-d"],
-                                 labels=["Shoes/Boots", None, "Shoes/Wellies", None])
+    cut = tmp_path / "e.jpg"  # a header that reads, data that does not decode
+    whole = new_image(tmp_path, "e-whole.jpg", seed=13).read_bytes()
+    cut.write_bytes(whole[:whole.index(b"\xff\xda") + 20])  # cut just after start of scan
+    verify_image(cut, decode=False)  # passes the header check: the extractor reports it
+    catalog = Catalog.from_files(paths + [broken, cut],
+                                 ids=["new-a", "new-b", "new-c", "new-d", "new-e"],
+                                 labels=["Shoes/Boots", None, "Shoes/Wellies", None, None])
+    decoded = []
+    real_decode = catalog_module._decode
+    monkeypatch.setattr(catalog_module, "_decode",
+                        lambda data, p: decoded.append(Path(p).name) or real_decode(data, p))
     report = rec.add(catalog, progress=False, log=None)
+    monkeypatch.undo()
+    # each new product is decoded once, for all its views, and only if it is to be added
+    assert sorted(decoded) == ["a.jpg", "b.png", "e.jpg"]
     assert report["n_added"] == 2
     assert {a["id"]: a["class_from"] for a in report["added"]} == {"new-a": "catalog",
                                                                   "new-b": "predicted"}
-    assert {s["id"]: s["kind"] for s in report["skipped"]} == {"new-c": "unknown class",
-                                                              "new-d": "unreadable image"}
+    assert {s["id"]: s["kind"] for s in report["skipped"]} == {
+        "new-c": "unknown class", "new-d": "unreadable image", "new-e": "unreadable image"}
     assert len(rec.index_) == 26 and (run_dir / "index.h5").stat().st_size == base_size
     # the new product is found by its own image and can be a query itself
     assert rec.recommend(str(paths[0]), k=1).items[0].id == "new-a"
