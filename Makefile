@@ -136,8 +136,9 @@ demo-catalog: $(STAMP)
 	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN)-csv --item 10300 --category Footwear
 
 # Real photos (clothing-dataset-small from ../shared, offline): train on its split
-# folders at 224 px (train/ and validation/ fit the head, test/ is held out), score the test/ photos against the whole catalog beside the raw-feature
-# baseline, and draw the recommendations of a few test photos.
+# folders at 224 px (train/ and validation/ fit the head, test/ is held out), score the
+# test/ photos against the whole catalog beside the raw-feature baseline, and draw the
+# recommendations of a few test photos.
 demo-real: $(STAMP)
 	$(BIN)/fashionrec train --catalog $(REAL_DIR) --image-size $(REAL_SIZE) \
 	  --train-on $(REAL_TRAIN_ON) --run-dir $(REAL_RUN)

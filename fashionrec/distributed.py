@@ -214,7 +214,9 @@ class RayExtractor:
         """The row arrays of the Ray tasks: rows not in ``skip`` on a grid of
         ``chunk`` consecutive rows (whole backbone batches of ``per_item`` views each)."""
         todo = np.arange(n_items) if skip is None else np.flatnonzero(~np.asarray(skip))
-        step = max(1, self.batch_size // per_item)  # images per backbone call
+        from .extract import items_per_call
+
+        step = items_per_call(self.batch_size, per_item)
         if self.chunk_size:
             chunk = step * math.ceil(self.chunk_size / step)
         else:

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from .artifacts import cpu_info
+from .artifacts import cpu_info, short_reason
 from .config import ENGINES, PRECISIONS
 from .errors import FashionrecError
 
@@ -136,9 +136,8 @@ class OpenVINOEngine:
                 "OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
             self.dim = self.compiled.output(0).get_partial_shape()[-1].get_length()
         except Exception as exc:  # conversion and compilation raise many types
-            msg = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise FashionrecError(f"engine openvino could not compile the backbone "
-                                  f"({msg}); use --engine keras") from None
+                                  f"({short_reason(exc)[:200]}); use --engine keras") from None
         self._idle = queue.SimpleQueue()  # sets of infer requests between calls
 
     def __call__(self, x):

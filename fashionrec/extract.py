@@ -406,6 +406,12 @@ def prefetch(jobs, workers=2, depth=4):
                 future.cancel()
 
 
+def items_per_call(batch_size, views=1):
+    """Items in one backbone call of ``batch_size`` inputs when each item is seen in
+    ``views`` views (at least one): the grid every extraction, local or on Ray, cuts on."""
+    return max(1, batch_size // views)
+
+
 def decode_workers():
     """Background decoding threads: the machine's cores, at most 8 (image decoding
     and resizing release the GIL)."""
@@ -444,8 +450,7 @@ class FeatureExtractor:
         """``(start, stop)`` of each batch to compute (``skip``: rows already done); a
         batch holds ``batch_size`` backbone inputs, so fewer items when each has views."""
         shape = images.shape if hasattr(images, "shape") else np.shape(images)
-        per_item = shape[1] if len(shape) == 5 else 1
-        step = max(1, self.batch_size // per_item)
+        step = items_per_call(self.batch_size, shape[1] if len(shape) == 5 else 1)
         for start in range(0, len(images), step):
             stop = min(start + step, len(images))
             if skip is None or not skip[start:stop].all():

@@ -578,18 +578,11 @@ class Recommender:
         return self.config.views() if self.config.dataset == "catalog" else [(None, False)]
 
     def _image_features(self, images, progress=False):
-        """Backbone features of every view of some images, one array per view.
-
-        ``images``: a :class:`~fashionrec.catalog.Catalog` (each file decoded once
-        for all the views; an unreadable one raises its one-line error), or prepared query images, ``(N, n_fits, S, S, 3)`` for a catalog
-        run (:meth:`_query`), ``(N, H, W)`` for Fashion-MNIST (one backbone pass for
-        all the views of a batch of photo queries)."""
+        """Backbone features of every view of some prepared images, one array per view:
+        ``(N, n_fits, S, S, 3)`` for a catalog run (:meth:`_query`), ``(N, H, W)`` for
+        Fashion-MNIST (one backbone pass for all the views of a batch of photo queries).
+        A catalog's files go through :meth:`_catalog_features` instead."""
         views, cfg = self._views(), self.config
-        if isinstance(images, Catalog):  # each file decoded once for every view
-            feats, failed = self._catalog_features(images, None, None, progress)
-            if failed:
-                raise FashionrecError(next(iter(failed.values())))
-            return feats
         images = np.asarray(images)
         if views == [(None, False)]:
             return [self.extractor.transform(images, progress)]
