@@ -52,6 +52,7 @@ def prepare_runs():
     """The three runs (made once; delete experiments/out/serve to remake them)."""
     from fashionrec import Recommender
     from fashionrec.index import CatalogIndex
+    from fashionrec.rundir import RunDir
     from fashionrec.store import IndexStore
 
     small, big, photo = WORK / "items-5k", WORK / "items-100k", WORK / "photo-224"
@@ -78,7 +79,7 @@ def prepare_runs():
         index = CatalogIndex(vectors, ids, np.tile(base.labels, reps)[:n], base.class_names,
                              base.scaler, np.tile(base.images, (reps, 1, 1))[:n],
                              metadata=base.metadata)
-        IndexStore(tmp / "index.h5").write_base(index)
+        IndexStore.of(RunDir(tmp).current()).write_base(index)
         Recommender.load(tmp).reindex("auto", progress=False, log=None)
         tmp.rename(big)
     return small, big, photo
@@ -192,9 +193,10 @@ def load(port, make_request, concurrency, max_requests, max_seconds):
 
 
 def item_queries(run_dir, n_items, args, workers=1):
+    from fashionrec.rundir import RunDir
     from fashionrec.store import IndexStore
 
-    ids = IndexStore(Path(run_dir) / "index.h5").live_ids()[0]
+    ids = IndexStore.of(RunDir(run_dir).current()).live_ids()[0]
     ids = sorted(ids)
     rng = random.Random(0)
     picks = [ids[rng.randrange(len(ids))] for _ in range(100_000)]

@@ -14,15 +14,19 @@ __version__ = "0.1.0"
 
 from .config import RunConfig  # noqa: E402
 from .data import Dataset, load_dataset  # noqa: E402
+from .embedder import Embedder  # noqa: E402
 from .errors import FashionrecError  # noqa: E402
 from .extract import BackboneInfo, FeatureExtractor, build_backbone  # noqa: E402
 from .head import ClassifierHead  # noqa: E402
 from .index import CatalogIndex, knn_search  # noqa: E402
-from .recommend import Item, Recommendation, Recommender  # noqa: E402
-from .store import IndexStore  # noqa: E402
+from .recommend import Recommender  # noqa: E402
+from .results import Item, Recommendation  # noqa: E402
+from .rundir import RunDir, StaleVersion  # noqa: E402
+from .store import CatalogStore, IndexStore  # noqa: E402
 
 __all__ = [
-    "BackboneInfo", "CatalogIndex", "ClassifierHead", "Dataset", "FashionrecError",
-    "FeatureExtractor", "IndexStore", "Item", "Recommendation", "Recommender", "RunConfig",
-    "build_backbone", "knn_search", "load_dataset", "__version__",
+    "BackboneInfo", "CatalogIndex", "CatalogStore", "ClassifierHead", "Dataset", "Embedder",
+    "FashionrecError", "FeatureExtractor", "IndexStore", "Item", "Recommendation",
+    "Recommender", "RunConfig", "RunDir", "StaleVersion", "build_backbone", "knn_search",
+    "load_dataset", "__version__",
 ]

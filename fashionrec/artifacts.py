@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from importlib import metadata as _im
 from pathlib import Path
 
@@ -50,6 +51,33 @@ def atomic_path(target, suffix=None):
         _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def flocked(path, wait=0.0, busy="another process holds the lock"):
+    """An exclusive ``flock`` on ``path`` (created), waiting at most ``wait`` seconds;
+    past that, a :class:`FashionrecError` saying ``busy``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise FashionrecError(f"{busy} (lock {path})") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fsync(path):

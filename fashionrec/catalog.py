@@ -14,18 +14,17 @@ Two layouts are read:
   image-path column or an id -> path pattern such as ``images/{id}.jpg``; paths are
   relative to the CSV's folder; optional category columns are joined by ``/``.
 
-:meth:`Catalog.check` then reads every image once (JPEG, PNG, WebP; any size,
-colour, gray or with alpha): unreadable or corrupt files, missing files, rows
-without a label, duplicate ids and classes with too few images are skipped,
-counted and listed in a report, never a crash.
+:meth:`Catalog.check` then reads every image once (JPEG, PNG, WebP; colour, gray or
+with alpha; up to :data:`~fashionrec.images.MAX_PIXELS` pixels) with
+:mod:`fashionrec.images`: unreadable, foreign, too large or corrupt files, missing
+files, rows without a label, duplicate ids and classes with too few images are
+skipped, counted and listed in a report, never a crash.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,11 +32,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import FITS
 from .errors import FashionrecError
+from .images import (  # noqa: F401  (image code lives in .images; names kept here)
+    IMAGE_EXTENSIONS,
+    ImageFiles,
+    decode_image,
+    fit_square,
+    fit_views,
+    image_from_array,
+    open_image,
+    pil_from_array,
+    read_image,
+    verify_image,
+)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-BACKGROUND = (255, 255, 255)  # product photos sit on white: transparency and padding
 # split folders (Keras image_dataset_from_directory users' layout) -> the split's name
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation",
                  "test": "test"}
@@ -432,231 +440,6 @@ def format_skipped(skipped, max_listed=10):
     if len(skipped) > max_listed:
         lines.append(f"  ... and {len(skipped) - max_listed} more (see the JSON report)")
     return lines
-
-
-# ---------------------------------------------------------------- images
-def _decode(data, path):
-    """A fully decoded PIL image from bytes; any failure is a FashionrecError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise FashionrecError(f"cannot read image {path} (empty file)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()  # decodes everything: a truncated file fails here
-            img = ImageOps.exif_transpose(img)
-    except UnidentifiedImageError:
-        raise FashionrecError(f"cannot read image {path} (not a JPEG, PNG or WebP image, "
-                              f"or its header is corrupt)") from None
-    except Exception as exc:  # PIL raises many types for bad files
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise FashionrecError(f"cannot read image {path} ({msg})") from None
-    if min(img.size) < 1:
-        raise FashionrecError(f"cannot read image {path} (empty image)")
-    return img
-
-
-def _read_bytes(path):
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise FashionrecError(f"image {path} does not exist") from None
-    except OSError as exc:
-        raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
-
-
-def decode_image(data, name="image"):
-    """Image bytes (an upload) fully decoded like a file by :func:`open_image`; ``name``
-    is how errors refer to it."""
-    return _decode(data, name)
-
-
-def open_image(path):
-    """An image file fully decoded (PIL), EXIF rotation applied; a missing, empty,
-    truncated or foreign file is a one-line :class:`FashionrecError`."""
-    return _decode(_read_bytes(path), path)
-
-
-def verify_image(path, decode=True):
-    """Read and decode ``path`` (with ``decode=False``: only identify its format from
-    the header); return its SHA-256, or raise a one-line error."""
-    data = _read_bytes(path)
-    if decode:
-        _decode(data, path)
-    else:
-        _identify(data, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _identify(data, path):
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise FashionrecError(f"cannot read image {path} (empty file)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if min(img.size) < 1:
-                raise FashionrecError(f"cannot read image {path} (empty image)")
-    except UnidentifiedImageError:
-        raise FashionrecError(f"cannot read image {path} (not a JPEG, PNG or WebP image, "
-                              f"or its header is corrupt)") from None
-    except FashionrecError:
-        raise
-    except Exception as exc:
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise FashionrecError(f"cannot read image {path} ({msg})") from None
-
-
-def read_image(path, size=None, fit="pad", mirror=False):
-    """An image file as RGB uint8: transparency composited on white; with ``size``,
-    fitted to a ``size`` x ``size`` square (:func:`fit_square`), mirrored left-right
-    with ``mirror``."""
-    return _to_rgb(open_image(path), size, fit, mirror)
-
-
-def image_from_array(image, size=None):
-    """An image array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, values
-    0-255) prepared exactly like an image file by :func:`read_image`."""
-    return _to_rgb(pil_from_array(image), size)
-
-
-def pil_from_array(image):
-    """An image array (as for :func:`image_from_array`) as a PIL image; a bad shape or
-    NaN values are a one-line :class:`FashionrecError`."""
-    from PIL import Image
-
-    x = np.asarray(image)
-    if x.ndim == 3 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (3, 4))) or min(x.shape[:2]) < 1:
-        raise FashionrecError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or "
-                              f"(H, W, 4), got {np.shape(image)}")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise FashionrecError("the image array has NaN or infinite values")
-    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
-
-
-def fit_views(img, size, fits):
-    """A decoded PIL image fitted to the square once per way in ``fits``:
-    ``(len(fits), size, size, 3)`` uint8."""
-    return np.stack([_to_rgb(img, size, fit) for fit in fits])
-
-
-def fit_square(img, size, fit="pad"):
-    """A PIL image fitted to ``size`` x ``size``: ``"pad"`` letterboxes it on white (the
-    whole product, no distortion), ``"crop"`` takes the largest centred square (no
-    padding, the edges of a long side are lost), ``"resize"`` stretches it."""
-    from PIL import Image, ImageOps
-
-    if fit == "pad":
-        return ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR,
-                            color=BACKGROUND)
-    if fit == "crop":
-        return ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
-    if fit == "resize":
-        return img.resize((size, size), Image.Resampling.BILINEAR)
-    raise FashionrecError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-
-
-def _to_rgb(img, size, fit="pad", mirror=False):
-    return _fit_rgb(_rgb(img), size, fit, mirror)
-
-
-def _rgb(img):
-    """A decoded PIL image as RGB: transparency composited on white, 16-bit or float
-    gray stretched to 0-255."""
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        img.alpha_composite(rgba)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float gray
-        arr = np.asarray(img, dtype=np.float64)
-        span = max(float(arr.max() - arr.min()), 1e-12)
-        img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _fit_rgb(rgb, size, fit="pad", mirror=False):
-    from PIL import ImageOps
-
-    img = rgb if size is None else fit_square(rgb, size, fit)
-    if mirror:
-        img = ImageOps.mirror(img)
-    return np.asarray(img, dtype=np.uint8)
-
-
-class ImageFiles:
-    """A list of image files that reads like an ``(N, size, size, 3)`` uint8 array:
-    slicing decodes just those files, so extraction streams from disk. ``fit`` and
-    ``mirror`` are as for :func:`read_image`.
-
-    With ``views`` (a list of ``(fit, mirror)``), each file is decoded once and seen in
-    every view: items are ``(len(views), size, size, 3)``. :meth:`load` is how the
-    extractor reads: a file that cannot be decoded becomes a white placeholder and is
-    reported with its row instead of stopping the whole extraction."""
-
-    def __init__(self, paths, size, fit="pad", mirror=False, views=None):
-        self.paths = list(paths)
-        self.size = int(size)
-        self.fit = fit
-        self.mirror = bool(mirror)
-        self.views = None if views is None else [(f, bool(m)) for f, m in views]
-
-    def __len__(self):
-        return len(self.paths)
-
-    @property
-    def shape(self):
-        view = (len(self.views),) if self.views is not None else ()
-        return (len(self), *view, self.size, self.size, 3)
-
-    def only_views(self, positions):
-        """The same files seen in the views at ``positions`` only."""
-        return ImageFiles(self.paths, self.size, self.fit, self.mirror,
-                          [self.views[p] for p in positions])
-
-    def _read(self, path, out=None):
-        """One file's item, written into ``out`` (a row of the batch) where given."""
-        if self.views is None:
-            img = read_image(path, self.size, self.fit, self.mirror)
-            if out is None:
-                return img
-            out[...] = img
-            return out
-        rgb = _rgb(open_image(path))
-        # a mirror view is its fitted square flipped (ImageOps.mirror's very pixels), so
-        # each fit is resized once however many views use it
-        fitted = {f: _fit_rgb(rgb, self.size, f) for f in dict.fromkeys(f for f, _ in self.views)}
-        out = np.empty(self.shape[1:], np.uint8) if out is None else out
-        for v, (f, m) in enumerate(self.views):
-            out[v] = fitted[f][:, ::-1] if m else fitted[f]
-        return out
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice):
-            return self._read(self.paths[key])
-        out, failed = self.load(*key.indices(len(self))[:2])
-        if failed:
-            raise FashionrecError(next(iter(failed.values())))
-        return out
-
-    def load(self, start, stop):
-        """Rows ``start:stop`` decoded: ``(images, failed)``, ``failed`` mapping the row
-        of each unreadable file to the one-line reason (its image is left white)."""
-        paths = self.paths[start:stop]
-        out = np.full((len(paths), *self.shape[1:]), 255, np.uint8)
-        failed = {}
-        for i, path in enumerate(paths):
-            try:
-                self._read(path, out[i])
-            except FashionrecError as exc:
-                out[i] = 255
-                failed[start + i] = str(exc)
-        return out, failed
 
 
 def category_matches(categories, wanted):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FashionrecError
+from .search import CHOICES as SEARCH_CHOICES
+from .search import HNSW_DEFAULTS, resolve
 
 DATASET_NAMES = ("fashion_mnist", "mnist")
 FITS = ("pad", "crop", "resize")  # how a photo is fitted to the model's square input
@@ -21,7 +23,6 @@ CATALOG_DEFAULTS = {"epochs": 64, "learning_rate": 5e-5, "image_fit": "pad+crop"
 POOLINGS = ("avg", "gem")
 ENGINES = ("auto", "keras", "openvino")  # what runs the backbone (fashionrec.engine)
 PRECISIONS = ("auto", "float32", "bfloat16")
-SEARCH_CHOICES = ("auto", "exact", "hnsw")
 TRAIN_ON = ("train", "train+validation")  # which products of a split catalog train the head
 
 
@@ -101,9 +102,9 @@ class RunConfig:
     seed: int = 1234
     search: str = "auto"
     hnsw_min_items: int = 50000
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 96
+    hnsw_m: int = HNSW_DEFAULTS["m"]
+    hnsw_ef_construction: int = HNSW_DEFAULTS["ef_construction"]
+    hnsw_ef_search: int = HNSW_DEFAULTS["ef_search"]
 
     def __post_init__(self):
         self.validate()
@@ -195,14 +196,23 @@ class RunConfig:
 
     def search_spec(self, n_items, log=None):
         """The search back-end for ``n_items`` (:func:`fashionrec.search.resolve`)."""
-        from .search import resolve
-
         return resolve(self.search, n_items, self.hnsw_min_items, log=log, m=self.hnsw_m,
                        ef_construction=self.hnsw_ef_construction,
                        ef_search=self.hnsw_ef_search)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def of_run(cls, meta):
+        """The config a saved run ran with (``run.json``'s record); runs from before a
+        setting existed get the value they used."""
+        config = dict(meta["config"])
+        if meta.get("dataset", {}).get("kind") == "catalog":
+            config["image_fit"] = config.get("image_fit") or "pad"
+            config["flip"] = bool(config.get("flip"))
+        config["pooling"] = meta.get("backbone", {}).get("pooling", "avg")
+        return cls.from_dict(config, check_paths=False)
 
     @classmethod
     def from_dict(cls, d, check_paths=True):

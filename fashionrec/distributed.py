@@ -15,7 +15,7 @@ How it runs:
 * ``map_batches`` runs each chunk through an actor pool: every actor rebuilds the
   backbone from its :class:`~fashionrec.extract.BackboneInfo` (so every node needs the
   backbone file at the same path) and reads and decodes the files itself with the
-  package's own image code (:class:`~fashionrec.catalog.ImageFiles`), so features match
+  package's own image code (:class:`~fashionrec.images.ImageFiles`), so features match
   the single-machine path;
 * actors take a fractional share of the CPUs that leaves some free (an actor pool
   holding every CPU can stall a dataset, ray-project/ray#44687), and TensorFlow in
@@ -100,14 +100,9 @@ class RayExtractor:
                 raise FashionrecError(f"Ray {name} must be a whole number >= 1, got {value!r}")
         if num_cpus is not None and not num_cpus > 0:
             raise FashionrecError(f"Ray num_cpus must be > 0, got {num_cpus!r}")
-        self.address = address
-        self.workers = workers
-        self.verbose = bool(verbose)
-        self.chunk_size = chunk_size
-        self.num_cpus = num_cpus
-        self.threads = threads
-        self.info = None
-        self.batch_size = None
+        self.address, self.workers, self.verbose = address, workers, bool(verbose)
+        self.chunk_size, self.num_cpus, self.threads = chunk_size, num_cpus, threads
+        self.info = self.batch_size = None  # set by prepare()
         self._connected = False
         self._started = False  # ray.init called by this object (so close shuts it down)
         self._cpus = self._node_cpus = None
@@ -229,7 +224,7 @@ class RayExtractor:
     def iter_batches(self, images, progress=False, desc="extract", skip=None):
         """Yield ``(start, features, failed)`` for row ranges of ``images`` (anything
         with ``paths``, ``size`` and ``views``, like
-        :class:`~fashionrec.catalog.ImageFiles`), in the order they finish; rows with
+        :class:`~fashionrec.images.ImageFiles`), in the order they finish; rows with
         ``skip`` set are not computed. ``failed`` maps rows whose file could not be
         decoded to the reason."""
         if self.info is None:
@@ -393,7 +388,7 @@ class ChunkExtractor:
         return FeatureExtractor(model, self.info, batch_size, workers=1)
 
     def __call__(self, batch):
-        from .catalog import ImageFiles
+        from .images import ImageFiles
 
         rows = np.asarray(batch["row"], dtype=np.int64)
         paths = list(batch["path"])

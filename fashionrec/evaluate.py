@@ -244,9 +244,9 @@ def _evaluate_dataset(rec, n_heldout, cache_dir, ks, progress, say):
     if n_heldout:
         x_h, y_h = x_test[n_reco:n_reco + n_heldout], y_test[n_reco:n_reco + n_heldout]
         f_h = features(x_h, "heldout")
-        predicted.append(rec.head_.predict(f_h))
+        probs, vectors = rec.embedder_.encode_features([f_h])
+        predicted.append(probs.argmax(axis=1))
         truth.append(y_h)
-        vectors = index.transform(rec.head_.embed(f_h))
         result["heldout"] = RetrievalEvaluator(y_h, None, ks, "heldout")(index, vectors)
     head = ClassificationEvaluator(np.concatenate(truth), index.class_names)
     result["head"] = head(np.concatenate(predicted))

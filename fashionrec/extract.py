@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .artifacts import atomic_path, file_digest, sha256_file, short_reason
 from .config import POOLINGS, shared_dirs
 from .errors import FashionrecError
+from .images import model_batch
 
 WEIGHTS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # The official Keras ResNet50 no-top weights and their published MD5 (the hash
@@ -67,12 +69,14 @@ class BackboneInfo:
             key += [self.engine, self.precision]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
-    def describe(self):
-        what = "ResNet50" if self.backbone == "resnet50" else f"backbone {self.model_path}"
+    def describe(self, public=False):
+        """One line; ``public``: without file paths (for answers to strangers)."""
+        what = "ResNet50" if self.backbone == "resnet50" else (
+            "a saved backbone" if public else f"backbone {self.model_path}")
         weights = {
             "imagenet": "ImageNet weights",
             "none": f"random weights (seed {self.seed})",
-            "file": f"weights from {self.weights_path}",
+            "file": "weights from a file" if public else f"weights from {self.weights_path}",
             "saved-model": "weights saved in the model",
         }[self.weights]
         pooled = ", GeM-pooled (p=3)" if self.pooling == "gem" else ""
@@ -199,15 +203,19 @@ def _load_saved_backbone(path, image_size):
     return model, _check_vector_model(model, path, image_size)
 
 
+_SEEDED = threading.Lock()  # Keras's seed is global: one seeded build at a time
+
+
 def _resnet50(weights, image_size, seed):
     import keras
 
-    keras.utils.set_random_seed(seed)
     try:
-        return keras.applications.ResNet50(
-            include_top=False, pooling="avg", weights=weights,
-            input_shape=(image_size, image_size, 3),
-        )
+        with _SEEDED:  # two threads building at once would interleave their random draws
+            keras.utils.set_random_seed(seed)
+            return keras.applications.ResNet50(
+                include_top=False, pooling="avg", weights=weights,
+                input_shape=(image_size, image_size, 3),
+            )
     except (ValueError, OSError) as exc:
         raise FashionrecError(
             f"cannot load ResNet50 weights from {weights}: {str(exc).splitlines()[0]}"
@@ -361,19 +369,11 @@ def _check_same_file(path, sha256):
 
 def to_model_input(images, image_size):
     """A batch of images (``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)``, 0-255,
-    RGB) resized to ``image_size``, gray turned RGB, and ``preprocess_input`` applied."""
-    import keras
+    RGB) resized to ``image_size``, gray turned RGB (:func:`~fashionrec.images.model_batch`),
+    and ``preprocess_input`` applied."""
     from keras.applications.resnet50 import preprocess_input
 
-    x = np.array(images, dtype=np.float32)  # a copy: preprocess_input works in place
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise FashionrecError(f"images must be (N, H, W[, 1 or 3]), got {np.shape(images)}")
-    if x.shape[1:3] != (image_size, image_size):
-        x = keras.ops.image.resize(x, (image_size, image_size), interpolation="bilinear")
-    if x.shape[-1] == 1:
-        x = keras.ops.repeat(x, 3, axis=-1)
+    x = model_batch(images, image_size)  # a new array: preprocess_input works in place
     # contiguous here (preprocess_input's RGB -> BGR is a reversed view), so the copy is
     # made in the decoding threads, not on the engine's critical path
     return np.ascontiguousarray(preprocess_input(x))
@@ -460,7 +460,7 @@ class FeatureExtractor:
         """Yield ``(start, features, failed)`` for consecutive batches of ``images``.
 
         ``images``: an ``(N, H, W[, C])`` array, or a lazy one such as
-        :class:`~fashionrec.catalog.ImageFiles` (with views: ``(N, V, S, S, 3)``, and
+        :class:`~fashionrec.images.ImageFiles` (with views: ``(N, V, S, S, 3)``, and
         features ``(n, V, D)``). ``failed`` maps rows whose file could not be decoded
         to the reason (their features are meaningless). ``skip``: a boolean mask of rows
         already done (a resumed extraction); batches entirely done are not computed.

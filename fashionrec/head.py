@@ -8,7 +8,6 @@ weights. Its 512-d ``dense_mid`` output is the embedding the catalog is ranked i
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 from sklearn.preprocessing import StandardScaler
@@ -144,16 +143,16 @@ class ClassifierHead:
         self._check_fitted()
         return np.asarray(_run(self.embedder_, self._scaled(X), batch_size), dtype=np.float32)
 
-    def save(self, folder, run_id=None):
-        """Write ``head.keras`` (the network) and ``head.json`` (scaler, settings, history,
-        and ``run_id``, which ties the head to the run it was saved with)."""
+    def save(self, model_path, state_path, run_id=None):
+        """Write the network (``model_path``, a ``.keras`` file) and its state
+        (``state_path``, JSON: scaler, settings, history, and ``run_id``, which ties the
+        head to the run it was saved with)."""
         import keras
 
         self._check_fitted()
-        folder = Path(folder)
-        with atomic_path(folder / "head.keras", suffix=".keras") as tmp:
+        with atomic_path(model_path, suffix=".keras") as tmp:
             keras.saving.save_model(self.model_, tmp)
-        write_json(folder / "head.json", {
+        write_json(state_path, {
             "run_id": run_id,
             "params": {k: getattr(self, k) for k in (
                 "n_classes", "epochs", "batch_size", "learning_rate", "dropout",
@@ -164,11 +163,10 @@ class ClassifierHead:
         })
 
     @classmethod
-    def load(cls, folder):
+    def load(cls, model_path, state_path):
         import keras
 
-        folder = Path(folder)
-        state = read_json(folder / "head.json", "head file")
+        state = read_json(state_path, "head file")
         try:
             head = cls(**state["params"])
             head.scaler_ = scaler_from_arrays(state["scaler"])
@@ -176,8 +174,8 @@ class ClassifierHead:
             head.history_ = state["history"]
             head.run_id_ = state.get("run_id")
         except (KeyError, TypeError) as exc:
-            raise FashionrecError(f"{folder / 'head.json'} is not a fashionrec head ({exc})") from None
-        path = folder / "head.keras"
+            raise FashionrecError(f"{state_path} is not a fashionrec head ({exc})") from None
+        path = model_path
         try:
             head.model_ = keras.saving.load_model(path, compile=False)
         except Exception as exc:

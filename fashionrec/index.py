@@ -8,7 +8,8 @@ Layout of ``index.h5`` (no pickle; every array is a plain HDF5 dataset):
 * ``vectors`` (N, D) float32 — standardized embeddings
 * ``ids`` (N,) int64 or strings — a test-split index, or a product id
 * ``labels`` (N,) int64 and ``class_names`` (C,) strings
-* ``scaler/mean``, ``scaler/scale``, ``scaler/var``, ``scaler/n_samples_seen``
+* ``scaler/...`` — only in files of format 3 and older (the embedding scaler, now
+  kept by the model)
 * optional, for showing and filtering results: ``images`` (N, H, W) uint8 (the
   Fashion-MNIST catalog images), ``paths`` (N,) strings (a product's image file),
   ``categories`` (N,) strings (``/``-joined category path)
@@ -27,22 +28,21 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from sklearn.preprocessing import StandardScaler
 
-from .artifacts import atomic_path, scaler_from_arrays, scaler_to_arrays
+from .artifacts import atomic_path, scaler_from_arrays
 from .errors import FashionrecError
 from .search import ExactSearch, knn_search  # noqa: F401 - knn_search: public here too
 
 FORMAT = "fashionrec-index"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 4: no scaler (the model keeps it)
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 class CatalogIndex:
     """The recommendation catalog: standardized embeddings plus what to show.
 
-    Build it with :meth:`build` from raw embeddings (it fits the re-standardizing
-    scaler), query it with :meth:`search` / :meth:`search_rows`, persist it with
+    Its vectors come standardized from the model
+    (:meth:`fashionrec.embedder.Embedder.encode_features`); query it with :meth:`search` / :meth:`search_rows`, persist it with
     :meth:`save` / :meth:`load`. Queries go to :attr:`backend`, a
     :class:`~fashionrec.search.SearchBackend` (exact unless another one is attached,
     e.g. the HNSW graph a living index loads).
@@ -51,13 +51,14 @@ class CatalogIndex:
         vectors: ``(N, D)`` standardized embeddings.
         ids: ``(N,)`` unique item ids, all integers or all strings.
         labels: ``(N,)`` class numbers into ``class_names``.
-        scaler: the fitted StandardScaler that standardizes raw embeddings.
+        scaler: only in index files written before the model kept its own embedding
+            scaler (:class:`~fashionrec.embedder.Embedder`): read, never written.
         images, paths, categories: optional per-item arrays (see the module doc).
         metadata: a JSON-able dict saved with the index.
     """
 
-    def __init__(self, vectors, ids, labels, class_names, scaler, images=None, metadata=None,
-                 paths=None, categories=None):
+    def __init__(self, vectors, ids, labels, class_names, scaler=None, images=None,
+                 metadata=None, paths=None, categories=None):
         self.vectors = np.asanyarray(vectors, dtype=np.float32)  # a memory map stays one
         self.ids = _as_ids(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -78,13 +79,6 @@ class CatalogIndex:
             raise FashionrecError("index ids are not unique")
         self._backend = None
         self.base_id = None  # the id of the file it was loaded from (see save)
-
-    @classmethod
-    def build(cls, embeddings, ids, labels, class_names, images=None, metadata=None,
-              paths=None, categories=None):
-        scaler = StandardScaler().fit(np.asarray(embeddings, dtype=np.float64))
-        vectors = scaler.transform(np.asarray(embeddings, dtype=np.float64))
-        return cls(vectors, ids, labels, class_names, scaler, images, metadata, paths, categories)
 
     def __len__(self):
         return len(self.ids)
@@ -121,10 +115,6 @@ class CatalogIndex:
                 out[given] = self.categories[given]
             self._categories = out
         return self._categories
-
-    def transform(self, embeddings):
-        """Standardize raw embeddings with the catalog's scaler."""
-        return self.scaler.transform(np.atleast_2d(np.asarray(embeddings, dtype=np.float64)))
 
     def search(self, vectors, k=6, exclude_ids=None):
         """``(rows, distances)`` of the ``k`` catalog items nearest to each
@@ -221,8 +211,6 @@ class CatalogIndex:
                 f.create_dataset("labels", data=self.labels)
                 f.create_dataset("class_names", data=np.array(self.class_names, dtype=object),
                                  dtype=strings)
-                for key, value in scaler_to_arrays(self.scaler).items():
-                    f.create_dataset(f"scaler/{key}", data=value)
                 if self.images is not None:
                     f.create_dataset("images", data=self.images, compression="gzip")
                 for name in ("paths", "categories"):
@@ -236,11 +224,13 @@ class CatalogIndex:
         :class:`FashionrecError`. The vectors are memory-mapped from the file when it
         allows (``mmap``), so loading reads only the ids and labels."""
         with _reading(path) as f:
-            scaler = scaler_from_arrays({k: f["scaler"][k][()] for k in f["scaler"]})
+            fh = f.fh  # the very file read, mapped below (never reopened by name)
+            scaler = (scaler_from_arrays({k: f["scaler"][k][()] for k in f["scaler"]})
+                      if "scaler" in f else None)
             strings = {name: _as_strings(f[name]) if name in f else None
                        for name in ("paths", "categories")}
             index = cls(
-                _vectors(path, f["vectors"], mmap), _read_ids(f), f["labels"][:],
+                _vectors(fh, f["vectors"], mmap), _read_ids(f), f["labels"][:],
                 _as_strings(f["class_names"]), scaler,
                 f["images"][:] if "images" in f else None,
                 json.loads(f.attrs.get("metadata", "{}")), **strings,
@@ -265,15 +255,17 @@ def base_id_of(f):
     return json.loads(f.attrs.get("metadata", "{}")).get("run_id")
 
 
-def _vectors(path, dataset, mmap):
-    """The vectors of an open index file: a read-only memory map where the dataset is
-    stored contiguously, else read into memory."""
+def _vectors(fh, dataset, mmap):
+    """The vectors of an open index file: a read-only memory map of the open file
+    ``fh`` where the dataset is stored contiguously, else read into memory. Mapping
+    the open file, not its name, means a compaction that replaces the file meanwhile
+    cannot pair these ids with another file's vectors."""
     offset = dataset.id.get_offset() if mmap and dataset.chunks is None else None
     if offset is None or dataset.dtype != np.float32 or dataset.compression is not None:
         return dataset[:]
     if dataset.size == 0:
         return np.empty(dataset.shape, dtype=np.float32)
-    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=dataset.shape)
+    return np.memmap(fh, dtype=np.float32, mode="r", offset=offset, shape=dataset.shape)
 
 
 @contextlib.contextmanager
@@ -283,7 +275,8 @@ def _reading(path):
     if not path.is_file():
         raise FashionrecError(f"index {path} does not exist")
     try:
-        with h5py.File(path, "r") as f:
+        with open(path, "rb") as fh, h5py.File(fh, "r") as f:
+            f.fh = fh
             if f.attrs.get("format") != FORMAT:
                 raise FashionrecError(f"{path} is not a fashionrec index (foreign HDF5 file)")
             version = int(f.attrs.get("format_version", -1))

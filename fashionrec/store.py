@@ -21,19 +21,19 @@ manifest if a compaction swapped it meanwhile.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import os
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import now_iso, read_json, write_json
+from . import search as backends
+from .artifacts import flocked, now_iso, read_json, write_json
 from .errors import FashionrecError
 from .index import CatalogIndex, parse_id
-from .search import ExactSearch, LiveSearch
 
 MANIFEST_FORMAT = "fashionrec-index-manifest"
 
@@ -42,7 +42,43 @@ class _Swapped(Exception):
     """The base file changed under a reader (a compaction): read the manifest again."""
 
 
-class IndexStore:
+class CatalogStore(abc.ABC):
+    """The catalog store contract: rows of (id, vector, label, category, image
+    reference) that grow and shrink while readers search a consistent snapshot.
+
+    * :meth:`snapshot` — the live rows as a :class:`~fashionrec.index.CatalogIndex`
+      whose ``search_rows(queries, k, exclude, allowed)`` answers queries; a snapshot
+      never changes, whatever is written after it was taken;
+    * :meth:`add` (rows as a ``CatalogIndex`` of standardized vectors) and
+      :meth:`remove` (ids), each atomic, each raising the :meth:`generation`;
+    * :meth:`compact` — fold the updates into a new base, readers unaffected.
+
+    A store is the catalog of one model version: a write made for a version that is
+    no longer published is refused (:class:`~fashionrec.rundir.StaleVersion`).
+    """
+
+    @abc.abstractmethod
+    def snapshot(self, search=None, log=None):
+        """The live rows, searched as the run's search spec says."""
+
+    @abc.abstractmethod
+    def add(self, part):
+        """Append the rows of ``part``; their ids must not be live already."""
+
+    @abc.abstractmethod
+    def remove(self, ids):
+        """Remove the rows ``ids``; every one must be live (all or nothing)."""
+
+    @abc.abstractmethod
+    def compact(self, search=None, progress=False, log=None):
+        """Fold the updates into a new base (and a new search graph)."""
+
+    @abc.abstractmethod
+    def generation(self):
+        """A number every change raises."""
+
+
+class IndexStore(CatalogStore):
     """A catalog index on disk that grows and shrinks without being rewritten.
 
     ``path`` is the base index file (``RUN_DIR/index.h5``, written at training or by
@@ -60,12 +96,26 @@ class IndexStore:
         >>> len(store.load())                                     # doctest: +SKIP
     """
 
-    def __init__(self, path, lock_wait=0.0):
+    def __init__(self, path, lock_wait=0.0, guard=None, manifest_path=None, segment_dir=None,
+                 lock_path=None):
         self.path = Path(path)
         self.lock_wait = lock_wait  # seconds an update waits for another one to finish
-        self.manifest_path = self.path.with_suffix(".manifest.json")
-        self.segment_dir = self.path.with_suffix(".d")
-        self.lock_path = self.path.with_suffix(".lock")
+        self.guard = guard  # called under the lock before every write (a stale version raises)
+        self.manifest_path = Path(manifest_path or self.path.with_suffix(".manifest.json"))
+        self.segment_dir = Path(segment_dir or self.path.with_suffix(".d"))
+        self.lock_path = Path(lock_path or self.path.with_suffix(".lock"))
+
+    @classmethod
+    def of(cls, version, lock_wait=0.0, guard=None):
+        """The store of a model version's folder (:class:`~fashionrec.rundir.Version`)."""
+        return cls(version.index, lock_wait, guard, version.index_manifest,
+                   version.index_segments, version.index_lock)
+
+    def generation(self):
+        return self.manifest()["generation"]
+
+    def snapshot(self, search=None, log=None):
+        return self.load(search, log)
 
     # ------------------------------------------------------------ reading
     def manifest(self):
@@ -191,8 +241,8 @@ class IndexStore:
                 index.backend = ann
             else:
                 tail = index.vectors[len(base_rows):]
-                index.backend = LiveSearch(ann, base_rows, ExactSearch(tail) if len(tail)
-                                           else None)
+                index.backend = backends.LiveSearch(
+                    ann, base_rows, backends.ExactSearch(tail) if len(tail) else None)
         return index
 
     def live_ids(self, m=None):
@@ -213,11 +263,9 @@ class IndexStore:
 
     # ------------------------------------------------------------ the HNSW graph
     def _graph(self, m, base, search, log, progress):
-        """The HNSW graph of ``base``: the saved one if it is sound, else rebuilt."""
-        from .search.hnsw import HNSWSearch
-
-        params = {k: search[k] for k in ("m", "ef_construction", "ef_search",
-                                         "filter_exact_max") if k in search}
+        """The HNSW graph of ``base``: the saved one if it is sound, else one built in
+        memory. A reader never writes a graph: only training, ``index`` and
+        ``compact`` do (they hold the lock and know the run's parameters)."""
         entry = m.get("ann") or {}
         problem = None
         if not entry:
@@ -225,57 +273,38 @@ class IndexStore:
         elif entry.get("base_id") != base.base_id or entry.get("n") != len(base):
             problem = f"the saved HNSW graph {entry.get('file')} is stale (built for another base)"
         elif (entry.get("m"), entry.get("ef_construction")) != (
-                params.get("m"), params.get("ef_construction")):
+                search.get("m"), search.get("ef_construction")):
             problem = "the saved HNSW graph was built with other parameters"
         else:
             path = self._file(entry["file"])
             try:
                 if not path.is_file() or path.stat().st_size != entry.get("bytes"):
                     raise FashionrecError(f"{path} is missing or not the size recorded")
-                ann = HNSWSearch.load(path, base.vectors, **params)
-                _check_graph(ann, base.vectors)
-                return ann
+                return backends.load_graph(path, base.vectors, search)
             except FashionrecError as exc:
                 problem = f"the saved HNSW graph is damaged ({exc})"
-        say = log or (lambda *_: None)
-        say(f"search: {problem}; building it over {len(base)} items")
-        ann = HNSWSearch.build(base.vectors, **params, progress=progress)
-        try:
-            with self._locked():
-                current = self.manifest()
-                if current.get("base_id", base.base_id) == base.base_id:
-                    self._clean_orphans(self._publish({
-                        **current, "base_id": base.base_id,
-                        "ann": self._save_graph(ann, base, current)}))
-                    say("search: HNSW graph saved")
-        except (FashionrecError, OSError) as exc:
-            say(f"search: the rebuilt HNSW graph is used but not saved ({exc})")
-        return ann
+        if log:
+            log(f"search: {problem}; building it in memory over {len(base)} items "
+                f"(`fashionrec index` saves one)")
+        return backends.build(search, base.vectors, progress=progress)
 
     def _save_graph(self, ann, base, m):
         """Write ``ann`` (the graph of ``base``) under ``index.d/``; its manifest entry."""
         name = f"ann-{uuid.uuid4().hex[:12]}.faiss"
-        path = self.segment_dir / name
-        ann.save(path)
-        import faiss
-
-        return {"file": f"{self.segment_dir.name}/{name}", **ann.params(),
+        record = ann.save(self.segment_dir / name)
+        return {"file": f"{self.segment_dir.name}/{name}", **record,
                 "run_id": base.metadata.get("run_id"), "base_id": base.base_id,
-                "generation": m["generation"] + 1, "n": len(base),
-                "dim": int(base.vectors.shape[1]), "bytes": path.stat().st_size,
-                "faiss": faiss.__version__, "built": now_iso()}
+                "generation": m["generation"] + 1, "built": now_iso()}
 
     def write_base(self, index, progress=False):
         """Make ``index`` the base (training): forget every update, write the file and,
         when its back-end is an HNSW graph, save the graph and name it in the manifest."""
-        from .search.hnsw import HNSWSearch
-
         with self._locked():
             self._reset()
             base_id = uuid.uuid4().hex
             index.save(self.path, base_id=base_id)
             index.base_id = base_id
-            if isinstance(index.backend, HNSWSearch):
+            if index.backend.name == "hnsw":
                 m = {**self.manifest(), "base_id": base_id,
                      "run_id": index.metadata.get("run_id")}
                 m["ann"] = self._save_graph(index.backend, index, m)
@@ -286,8 +315,6 @@ class IndexStore:
         """(Re)build the saved search graph of the current base for ``search`` (a spec);
         ``{"backend": "exact"}`` drops it. Items added since stay searched exactly until
         :meth:`compact`. Returns the new manifest."""
-        from .search.hnsw import HNSWSearch
-
         say = log or (lambda *_: None)
         with self._locked():
             m = self.manifest()
@@ -295,9 +322,8 @@ class IndexStore:
             m = {**m, "base_id": base.base_id, "run_id": base.metadata.get("run_id")}
             if search.get("backend") == "hnsw":
                 say(f"search: building the HNSW graph over {len(base)} items")
-                params = {k: v for k, v in search.items() if k != "backend"}
-                m["ann"] = self._save_graph(HNSWSearch.build(base.vectors, **params,
-                                                             progress=progress), base, m)
+                m["ann"] = self._save_graph(
+                    backends.build(search, base.vectors, progress=progress), base, m)
             else:
                 m.pop("ann", None)
             m = self._publish(m)
@@ -307,27 +333,13 @@ class IndexStore:
     # ------------------------------------------------------------ updating
     @contextlib.contextmanager
     def _locked(self):
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks
+        """The store's lock; a write then checks its model version is still the
+        published one (``guard``), so no write lands in a retired version."""
+        with flocked(self.lock_path, self.lock_wait,
+                     f"{self.path} is being updated by another process"):
+            if self.guard is not None:
+                self.guard()
             yield
-            return
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as fh:
-            deadline = time.monotonic() + self.lock_wait
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise FashionrecError(f"{self.path} is being updated by another "
-                                              f"process (lock {self.lock_path})") from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _publish(self, manifest):
         manifest = {**manifest, "generation": manifest["generation"] + 1, "updated": now_iso()}
@@ -393,6 +405,16 @@ class IndexStore:
                                     "at": now_iso()}]
             return self._publish(m)
 
+    def removed_ids(self, m=None):
+        """Ids removed since the catalog was first trained (kept through compactions
+        and retrains, so a retrain does not bring a removed product back)."""
+        live, (base_ids, base_meta, _, _) = self.live_ids(m)
+        m = self.manifest() if m is None else m
+        gone = set(base_meta.get("removed_ids", [])) | set(base_ids.tolist())
+        for op in m["ops"]:
+            gone.update(op.get("ids", []))
+        return sorted(gone - live, key=str)
+
     def _base_id(self, m):
         return CatalogIndex.read_header(self._file(m.get("base", self.path.name)))[4]
 
@@ -410,8 +432,6 @@ class IndexStore:
         Returns:
             The new manifest, or the current one if there was nothing to fold.
         """
-        from .search.hnsw import HNSWSearch
-
         say = log or (lambda *_: None)
         hnsw = bool(search) and search.get("backend") == "hnsw"
         with self._locked():
@@ -421,9 +441,11 @@ class IndexStore:
                 self._clean_orphans(m)
                 say("compact: nothing to fold (no updates since the index was written)")
                 return m
+            removed = self.removed_ids(m)
             index = self._load(m, None, None, progress)
             meta = {k: v for k, v in index.metadata.items()
                     if k not in ("generation", "n_updates")}
+            meta["removed_ids"] = removed
             index.metadata = {**meta, "compacted": now_iso()}
             base_id = uuid.uuid4().hex
             new = self.segment_dir / f"base-{m['generation'] + 1:06d}-{base_id[:8]}.h5"
@@ -434,9 +456,8 @@ class IndexStore:
             nxt.pop("ann", None)
             if hnsw:
                 say(f"compact: building the HNSW graph over {len(index)} items")
-                params = {k: v for k, v in search.items() if k != "backend"}
                 nxt["ann"] = self._save_graph(
-                    HNSWSearch.build(index.vectors, **params, progress=progress), index, m)
+                    backends.build(search, index.vectors, progress=progress), index, m)
             nxt = self._publish(nxt)
             _replace_by_link(new, self.path)
             final = self._publish({**nxt, "base": self.path.name})
@@ -473,12 +494,3 @@ def _replace_by_link(src, dst):
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-
-
-def _check_graph(ann, vectors, n=16):
-    """A loaded graph must hold the index's own vectors at a few rows spread over it
-    (a cheap guard against a file that reads but belongs to other vectors)."""
-    rows = np.linspace(0, len(vectors) - 1, min(n, len(vectors))).astype(np.int64)
-    stored = np.stack([ann.index.reconstruct(int(r)) for r in rows])
-    if not np.array_equal(stored, np.asarray(vectors[rows], dtype=np.float32)):
-        raise FashionrecError("its vectors are not the index's")

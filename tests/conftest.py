@@ -11,8 +11,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fashionrec.config import shared_dirs  # noqa: E402
 
-TINY = dict(n_train=48, n_reco=24, image_size=32, epochs=2, batch_size=16,
-            weights="none", extract_batch_size=16)
+# The tiny model every trained test run uses: 32 px, a randomly initialised ResNet50
+# (no download), two epochs of the head. Test modules import these
+# (``from conftest import TINY_MODEL``) rather than defining their own.
+TINY_MODEL = dict(image_size=32, weights="none", epochs=2, batch_size=8,
+                  extract_batch_size=16)
+# A tiny Fashion-MNIST run: 48 training and 24 catalog images; its head trains in
+# batches of 16 (three per epoch).
+TINY = dict(n_train=48, n_reco=24, **{**TINY_MODEL, "batch_size": 16})
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from catalogs import CLASSES, draw_product, make_csv_catalog, make_folder_catalog
+from conftest import TINY_MODEL
 
 from fashionrec import FashionrecError, Recommender
-from fashionrec import catalog as catalog_module
+from fashionrec import images as images_module
 from fashionrec.artifacts import read_json
 from fashionrec.catalog import Catalog, verify_image
 from fashionrec.cli import main
+from fashionrec.rundir import RunDir
 
-TINY = dict(image_size=32, weights="none", epochs=2, batch_size=8, extract_batch_size=16)
 BOOT = "Shoes/Boots/brand1/001.png"
 
 
@@ -31,7 +32,7 @@ def shop(tmp_path_factory):
     make_folder_catalog(root)
     run_dir = tmp_path_factory.mktemp("shop-run")
     catalog = Catalog.from_folder(root, label_depth=2)
-    rec = Recommender(**TINY).fit_catalog(catalog, min_class_size=5,
+    rec = Recommender(**TINY_MODEL).fit_catalog(catalog, min_class_size=5,
                                           cache_dir=run_dir / "features", progress=False,
                                           log=None)
     rec.save(run_dir)
@@ -63,7 +64,7 @@ def test_run_records_the_catalog_and_its_report(shop):
     assert meta["dataset"]["class_names"] == sorted(CLASSES)
     assert len(meta["dataset"]["content_sha256"]) == 64
     assert 0 <= meta["head_val_accuracy"] <= 1
-    report = read_json(run_dir / "catalog_report.json")
+    report = read_json(RunDir(run_dir).current().report)
     assert report["n_ok"] == 24 and report["small_classes"] == {"Hats/Caps": 2}
     assert {s["kind"] for s in report["skipped"]} == {
         "unreadable image", "not an image file", "no class folder", "class too small"}
@@ -134,7 +135,7 @@ def test_round_trip_in_a_fresh_process(shop, tmp_path):
 
 def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
     rec, run_dir, _ = shop_copy
-    base_size = (run_dir / "index.h5").stat().st_size
+    base_size = RunDir(run_dir).current().index.stat().st_size
     paths = [new_image(tmp_path, "a.jpg", seed=11), new_image(tmp_path, "b.png", "Bags/Totes"),
              new_image(tmp_path, "c.webp", seed=12)]
     broken = tmp_path / "d.jpg"
@@ -147,9 +148,9 @@ def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
                                  ids=["new-a", "new-b", "new-c", "new-d", "new-e"],
                                  labels=["Shoes/Boots", None, "Shoes/Wellies", None, None])
     decoded = []
-    real_decode = catalog_module._decode
-    monkeypatch.setattr(catalog_module, "_decode",
-                        lambda data, p: decoded.append(Path(p).name) or real_decode(data, p))
+    real_decode = images_module._decode
+    monkeypatch.setattr(images_module, "_decode", lambda data, p, *a: decoded.append(Path(p).name)
+                        or real_decode(data, p, *a))
     report = rec.add(catalog, progress=False, log=None)
     monkeypatch.undo()
     # each new product is decoded once, for all its views, and only if it is to be added
@@ -159,7 +160,7 @@ def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
                                                                   "new-b": "predicted"}
     assert {s["id"]: s["kind"] for s in report["skipped"]} == {
         "new-c": "unknown class", "new-d": "unreadable image", "new-e": "unreadable image"}
-    assert len(rec.index_) == 26 and (run_dir / "index.h5").stat().st_size == base_size
+    assert len(rec.index_) == 26 and RunDir(run_dir).current().index.stat().st_size == base_size
     # the new product is found by its own image and can be a query itself
     assert rec.recommend(str(paths[0]), k=1).items[0].id == "new-a"
     assert "new-a" not in [i.id for i in rec.recommend(item="new-a", k=25).items]
@@ -205,27 +206,29 @@ def test_killed_during_add_then_query(shop_copy, tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_ADD, str(run_dir), str(path)],
                           capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert list((run_dir / "index.d").iterdir())  # the segment was written ...
+    assert list(RunDir(run_dir).current().index_segments.iterdir())  # the segment was written ...
     reloaded = Recommender.load(run_dir)  # ... but never published
     assert reloaded.index_.row_of("new-x") is None and len(reloaded.index_) == 24
     assert [(i.id, i.distance) for i in reloaded.recommend(item=BOOT).items] == before
     reloaded.add(Catalog.from_files([path], ids=["new-x"]), progress=False, log=None)
     assert Recommender.load(run_dir).recommend(str(path), k=1).items[0].id == "new-x"
-    assert len(list((run_dir / "index.d").iterdir())) == 1  # the orphan was cleaned up
+    assert len(list(RunDir(run_dir).current().index_segments.iterdir())) == 1  # the orphan was cleaned up
 
 
-def test_retraining_into_the_run_dir_forgets_old_updates(shop_copy, tmp_path):
+def test_retraining_into_the_run_dir_keeps_the_living_catalog(shop_copy, tmp_path):
     rec, run_dir, root = shop_copy
     rec.remove([BOOT], log=None)
     cache = {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()}
-    Recommender(**TINY).fit_catalog(Catalog.from_folder(root, 2), min_class_size=5,
+    Recommender(**TINY_MODEL).fit_catalog(Catalog.from_folder(root, 2), min_class_size=5,
                                     cache_dir=run_dir / "features", progress=False,
                                     log=None).save(run_dir)
     # same backbone, same image files: the features come from the cache, untouched
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()} == cache
     fresh = Recommender.load(run_dir)
-    assert fresh.index_.row_of(BOOT) is not None
-    assert not (run_dir / "index.manifest.json").exists()
+    assert fresh.run_id_ != rec.run_id_
+    # a product removed before the retrain stays removed; the rest are all there
+    assert fresh.index_.row_of(BOOT) is None and len(fresh.index_) == len(rec.index_)
+    assert not RunDir(run_dir).current().index_manifest.exists()
 
 
 def test_csv_catalog_through_the_cli(tmp_path, capsys):

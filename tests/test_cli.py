@@ -6,7 +6,12 @@ import sys
 import h5py
 import pytest
 
+import fashionrec.cli
 from fashionrec.cli import main
+from fashionrec.rundir import RunDir
+
+TINY_TRAIN = ["--n-train", "40", "--n-reco", "20", "--image-size", "32", "--epochs", "1",
+              "--batch-size", "8", "--weights", "none", "--no-progress"]
 
 
 def test_train_then_recommend_then_plot(tmp_path, fmnist_dir, capsys):
@@ -45,7 +50,7 @@ def test_train_then_recommend_then_plot(tmp_path, fmnist_dir, capsys):
     assert main(["recommend", "--run-dir", str(run), "--image", str(run / "junk.png")]) == 1
     assert capsys.readouterr().err.startswith("error: cannot read image")
 
-    with h5py.File(run / "index.h5", "w") as f:  # foreign HDF5 in place of the index
+    with h5py.File(RunDir(run).current().index, "w") as f:  # foreign HDF5 as the index
         f["x"] = [1]
     assert main(["recommend", "--run-dir", str(run), "--idx", "1"]) == 1
     assert "not a fashionrec index" in capsys.readouterr().err
@@ -96,7 +101,7 @@ def test_training_is_reproducible_across_processes(tmp_path, fmnist_dir):
              "32", "--epochs", "2", "--batch-size", "8", "--weights", "none",
              "--run-dir", str(run), "--no-progress"], check=True, capture_output=True,
             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": ""}))
-        with h5py.File(run / "index.h5") as f:
+        with h5py.File(RunDir(run).current().index) as f:
             vectors.append(f["vectors"][:])
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
     # quiet by default: what a user needs, the engine said on the first lines
@@ -106,3 +111,53 @@ def test_training_is_reproducible_across_processes(tmp_path, fmnist_dir):
     for noise in ("WARNING", "I0000", "E0000", "cuInit", "oneDNN", "retracing",
                   "Downloading data"):
         assert noise not in out.stdout + out.stderr, noise
+
+
+def test_train_refuses_a_folder_that_holds_no_run(tmp_path, fmnist_dir, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    argv = ["train", "--data-dir", str(fmnist_dir), *TINY_TRAIN, "--run-dir", str(folder)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(folder) in err
+    assert "--force" in err
+    # refused before training: nothing written, nothing deleted
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+    assert main([*argv, "--force"]) == 0
+    out = capsys.readouterr().out
+    run = RunDir(folder)
+    assert run.exists() and run.current().index.is_file()
+    assert f"run:            {run.run_file} (metadata)" in out
+    assert f"index:          {run.current().index} (exact search)" in out
+
+
+def test_help_from_the_module_the_entry_point_and_main(capsys):
+    proc = subprocess.run([sys.executable, "-m", "fashionrec", "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: fashionrec")
+    for verb in ("train", "extract", "recommend", "add", "remove", "compact", "index",
+                 "evaluate", "plot", "serve"):
+        assert verb in proc.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "fashionrec")
+    if os.path.isfile(script):  # the console entry point fashionrec.cli:main
+        proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "--force" in proc.stdout
+
+    with pytest.raises(SystemExit) as exc:
+        fashionrec.cli.main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: fashionrec")
+    assert set(fashionrec.cli.COMMANDS) == {"train", "extract", "recommend", "add", "remove",
+                                            "compact", "index", "evaluate", "plot", "serve"}
+
+
+def test_interrupt_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(fashionrec.cli.COMMANDS, "plot", interrupted)
+    assert main(["plot", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == (
+        "error: interrupted; the run's published version is unchanged\n")

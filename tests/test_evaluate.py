@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sklearn.preprocessing import StandardScaler
 
 from fashionrec import CatalogIndex
 from fashionrec.cli import main
@@ -52,7 +53,7 @@ def test_retrieval_scores_from_labels():
 def test_leave_one_out_on_toy_clusters():
     # two tight clusters on a line: every neighbour is in the query's class
     emb = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
-    index = CatalogIndex.build(emb, np.arange(6), [0, 0, 0, 1, 1, 1], ["a", "b"])
+    index = CatalogIndex(StandardScaler().fit_transform(emb), np.arange(6), [0, 0, 0, 1, 1, 1], ["a", "b"])
     res = evaluate_vectors(index, index.vectors, index.labels, np.arange(6), ks=(1, 2))
     assert res["overall"]["precision@1"] == 1.0 and res["overall"]["precision@2"] == 1.0
     assert res["overall"]["recall@2"] == 1.0 and res["overall"]["map@2"] == 1.0

@@ -4,6 +4,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from models import tiny_backbone  # tests/test_serve.py imports it from here too
 
 from fashionrec import FashionrecError
 from fashionrec import extract as ex
@@ -11,17 +12,6 @@ from fashionrec.extract import FeatureExtractor, build_backbone, cached_features
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (10, 28, 28)).astype(np.uint8)
-
-
-def tiny_backbone(path, out_rank=2):
-    """A small saved Keras model standing in for a custom backbone."""
-    inp = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(4, 3, strides=2, name="c")(inp)
-    if out_rank == 2:
-        x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inp, x)
-    model.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

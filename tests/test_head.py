@@ -61,13 +61,13 @@ def test_same_seed_same_head():
 
 def test_save_load_round_trip_without_pickle(fitted, tmp_path):
     head, X, _ = fitted
-    head.save(tmp_path)
-    loaded = ClassifierHead.load(tmp_path)
+    head.save(tmp_path / "h.keras", tmp_path / "h.json")
+    loaded = ClassifierHead.load(tmp_path / "h.keras", tmp_path / "h.json")
     np.testing.assert_allclose(loaded.embed(X), head.embed(X), rtol=1e-6)
     np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), rtol=1e-6)
-    names = zipfile.ZipFile(tmp_path / "head.keras").namelist()
+    names = zipfile.ZipFile(tmp_path / "h.keras").namelist()
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "h.keras"]
 
 
 def test_bad_inputs():

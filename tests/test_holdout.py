@@ -1,6 +1,8 @@
 """Split folders, held-out products and the evaluation of product-catalog runs."""
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from catalogs import make_folder_catalog, make_split_catalog
+from conftest import TINY_MODEL
 
 from fashionrec import CatalogIndex, FashionrecError, Recommender
 from fashionrec.artifacts import read_json
@@ -17,8 +20,12 @@ from fashionrec.cli import main
 from fashionrec.evaluate import evaluate, format_table
 from fashionrec.head import ClassifierHead
 from fashionrec.plots import confusion_figure, per_class_figure
+from fashionrec.rundir import RunDir
 
-TINY = dict(image_size=32, weights="none", epochs=2, batch_size=8, extract_batch_size=16)
+# Four trainings in all, shared by the tests that only read them: the split-folder
+# catalog through the command line (split_run) and again on train+validation (refit),
+# the folder catalog with a held-out quarter, flipped (holdout_run) and not (in
+# test_flip_...).
 
 
 # ------------------------------------------------------------------ reading splits
@@ -75,9 +82,9 @@ def test_holdout_with_split_folders_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ training
-@pytest.fixture
-def fitted_with(monkeypatch):
-    """Records what every ClassifierHead.fit call was given."""
+@contextlib.contextmanager
+def head_fit_calls():
+    """Records what every ClassifierHead.fit call is given, while in the block."""
     calls = []
     real = ClassifierHead.fit
 
@@ -85,8 +92,16 @@ def fitted_with(monkeypatch):
         calls.append({"X": np.array(X), "y": np.array(y), "validation_data": validation_data})
         return real(self, X, y, validation_data)
 
-    monkeypatch.setattr(ClassifierHead, "fit", spy)
-    return calls
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ClassifierHead, "fit", spy)
+        yield calls
+
+
+@pytest.fixture
+def fitted_with():
+    """Records what every ClassifierHead.fit call in the test was given."""
+    with head_fit_calls() as calls:
+        yield calls
 
 
 def _rows_of(features, subset):
@@ -95,13 +110,61 @@ def _rows_of(features, subset):
     return [i for i, row in enumerate(np.asarray(features, np.float32)) if row.tobytes() in keys]
 
 
-def test_split_folder_run_never_trains_on_test_or_validation(tmp_path, fitted_with):
-    ids = make_split_catalog(tmp_path / "shop")
-    rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
-                                          progress=False, log=None)
+def _stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """The split-folder catalog (train/, validation/, test/) trained once by
+    ``fashionrec train`` with every setting a catalog run leaves to its defaults but the
+    tiny model's; what the head was given is recorded. Tests only read it."""
+    root = tmp_path_factory.mktemp("split-shop")
+    ids = make_split_catalog(root)
+    run_dir = tmp_path_factory.mktemp("split-run") / "run"
+    with head_fit_calls() as calls:
+        assert main(["train", "--catalog", str(root), "--run-dir", str(run_dir),
+                     "--image-size", "32", "--weights", "none", "--epochs", "2",
+                     "--batch-size", "8", "--no-progress"]) == 0
+    return SimpleNamespace(root=root, ids=ids, run_dir=run_dir, calls=calls,
+                           rec=Recommender.load(run_dir, log=None))
+
+
+@pytest.fixture(scope="module")
+def refit(split_run, tmp_path_factory):
+    """The same catalog trained again, on train+validation, with a copy of split_run's
+    feature cache (its file times recorded before and after)."""
+    features = tmp_path_factory.mktemp("refit") / "features"
+    shutil.copytree(split_run.run_dir / "features", features)
+    before = _stamps(features)
+    with head_fit_calls() as calls:
+        rec = Recommender(**TINY_MODEL, train_on="train+validation").fit_catalog(
+            Catalog.from_folder(split_run.root), cache_dir=features, progress=False, log=None)
+    return SimpleNamespace(rec=rec, calls=calls, features=features, stamps_before=before,
+                           stamps_after=_stamps(features))
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    """The folder catalog (24 readable products in 3 classes) with a quarter held out,
+    letterboxed and flipped (``image_fit="pad"``, catalog runs flip by default), trained
+    once and saved. Tests only read it."""
+    root = tmp_path_factory.mktemp("folder-shop")
+    make_folder_catalog(root)
+    run_dir = tmp_path_factory.mktemp("holdout-run") / "run"
+    with head_fit_calls() as calls:
+        rec = Recommender(**TINY_MODEL, image_fit="pad").fit_catalog(
+            Catalog.from_folder(root, label_depth=2), holdout=0.25,
+            cache_dir=run_dir / "features", progress=False, log=None)
+    rec.save(run_dir)
+    return SimpleNamespace(root=root, run_dir=run_dir, rec=rec, calls=calls)
+
+
+def test_split_folder_run_never_trains_on_test_or_validation(split_run):
+    ids, rec = split_run.ids, split_run.rec
     assert len(rec.index_) == 42  # every split is indexed
-    feats = rec.catalog_features(progress=False)[0]
-    (call,) = fitted_with
+    feats = rec.catalog_features(split_run.run_dir / "features", progress=False)[0]
+    (call,) = split_run.calls
     trained = _rows_of(feats, call["X"])
     assert sorted(str(rec.index_.ids[r]) for r in trained) == sorted(ids["train"])
     x_val, y_val = call["validation_data"]
@@ -112,12 +175,10 @@ def test_split_folder_run_never_trains_on_test_or_validation(tmp_path, fitted_wi
     assert rec.metadata_["dataset"]["split"]["heldout"] == 9
 
 
-def test_train_on_train_and_validation_never_trains_on_test(tmp_path, fitted_with):
-    ids = make_split_catalog(tmp_path / "shop")
-    rec = Recommender(**TINY, train_on="train+validation").fit_catalog(
-        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
-    feats = rec.catalog_features(progress=False)[0]
-    (call,) = fitted_with
+def test_train_on_train_and_validation_never_trains_on_test(split_run, refit, tmp_path):
+    ids, rec = split_run.ids, refit.rec
+    feats = rec.catalog_features(refit.features, progress=False)[0]
+    (call,) = refit.calls
     trained = sorted(str(rec.index_.ids[r]) for r in _rows_of(feats, call["X"]))
     assert trained == sorted(ids["train"] + ids["validation"])
     assert call["validation_data"] is None and rec.head_.validation_split == 0.0
@@ -127,25 +188,19 @@ def test_train_on_train_and_validation_never_trains_on_test(tmp_path, fitted_wit
     assert sorted(rec.split_.heldout_ids) == sorted(ids["test"])
     make_split_catalog(tmp_path / "noval", {"train": 5, "test": 2})
     with pytest.raises(FashionrecError, match="needs a validation split"):
-        Recommender(**TINY, train_on="train+validation").fit_catalog(
+        Recommender(**TINY_MODEL, train_on="train+validation").fit_catalog(
             Catalog.from_folder(tmp_path / "noval"), progress=False, log=None)
 
 
-def test_holdout_run_records_and_reloads_its_held_out_products(tmp_path, fitted_with):
-    root = tmp_path / "shop"
-    make_folder_catalog(root)
-    run_dir = tmp_path / "run"
-    rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(root, label_depth=2),
-                                          holdout=0.25, cache_dir=run_dir / "features",
-                                          progress=False, log=None)
-    rec.save(run_dir)
+def test_holdout_run_records_and_reloads_its_held_out_products(holdout_run):
+    rec, run_dir = holdout_run.rec, holdout_run.run_dir
     held = rec.split_.heldout_ids
     assert len(held) == 6 and rec.metadata_["dataset"]["split"]["train"] == 18
     feats = rec.catalog_features(run_dir / "features", progress=False)[0]
-    trained = {str(rec.index_.ids[r]) for r in _rows_of(feats, fitted_with[0]["X"])}
+    trained = {str(rec.index_.ids[r]) for r in _rows_of(feats, holdout_run.calls[0]["X"])}
     assert trained.isdisjoint(held) and len(trained) == 18
     assert all(rec.index_.row_of(i) is not None for i in held)  # held out, still indexed
-    split = read_json(run_dir / "split.json")
+    split = read_json(RunDir(run_dir).current().split)
     assert split["heldout_ids"] == held and split["run_id"] == rec.run_id_
     assert Recommender.load(run_dir).split_.heldout_ids == held
 
@@ -212,18 +267,8 @@ def test_plots_show_every_query_set_and_class():
 
 
 # ------------------------------------------------------------------ a real run, CLI
-@pytest.fixture(scope="module")
-def split_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("split-shop")
-    make_split_catalog(root)
-    run_dir = tmp_path_factory.mktemp("split-run") / "run"
-    assert main(["train", "--catalog", str(root), "--run-dir", str(run_dir), "--image-size",
-                 "32", "--weights", "none", "--epochs", "2", "--batch-size", "8",
-                 "--no-progress"]) == 0
-    return run_dir
-
-
 def test_evaluate_cli_on_a_split_folder_run(split_run, capsys):
+    split_run = split_run.run_dir
     capsys.readouterr()
     assert main(["evaluate", "--run-dir", str(split_run), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -239,6 +284,7 @@ def test_evaluate_cli_on_a_split_folder_run(split_run, capsys):
 
 def test_evaluate_reuses_the_feature_cache_in_a_fresh_process(split_run):
     """A fresh process scores the saved run the same, without extracting again."""
+    split_run = split_run.run_dir
     here = evaluate(Recommender.load(split_run), cache_dir=split_run / "features",
                     progress=False, log=None)
     code = textwrap.dedent(f"""
@@ -267,55 +313,53 @@ def test_cli_refuses_bad_holdout(tmp_path, capsys):
     assert "drop --holdout" in capsys.readouterr().err
 
 
-def test_flip_trains_on_mirror_images_and_a_photo_equals_its_mirror(tmp_path, fitted_with):
+def test_flip_trains_on_mirror_images_and_a_photo_equals_its_mirror(holdout_run, fitted_with):
     """A catalog run flips by default: the head sees every training product twice
     (as photographed and mirrored), and a photo's embedding is the mean of both, so a
     photo and its mirror image get the very same recommendations."""
     from PIL import Image, ImageOps
 
-    ids = make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
-    rec = Recommender(**TINY, image_fit="pad").fit_catalog(
-        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
+    rec = holdout_run.rec
+    n_train = 18  # 24 products, a quarter of them held out
     assert rec.config.flip is True and rec.metadata_["dataset"]["flip"] is True
-    assert len(fitted_with[0]["X"]) == 2 * len(ids["train"])
-    photo = tmp_path / "shop" / ids["test"][0]
-    mirror = tmp_path / "mirror.png"
-    ImageOps.mirror(Image.open(photo)).save(mirror)
-    a, b = rec.recommend(str(photo), k=5), rec.recommend(str(mirror), k=5)
+    assert len(holdout_run.calls[0]["X"]) == 2 * n_train
+    # arrays of the full decode: a JPEG file is decoded at a reduced scale (draft), its
+    # re-saved mirror would not be
+    photo = np.asarray(Image.open(holdout_run.root / "Shoes/Boots/brand0/000.jpg")
+                       .convert("RGB"))
+    mirror = np.asarray(ImageOps.mirror(Image.fromarray(photo)))
+    a, b = rec.recommend(photo, k=5), rec.recommend(mirror, k=5)
     assert [i.id for i in a.items] == [i.id for i in b.items]
     np.testing.assert_allclose([i.distance for i in a.items], [i.distance for i in b.items],
                                rtol=1e-4, atol=1e-4)
-    off = Recommender(**TINY, image_fit="pad", flip=False).fit_catalog(
-        Catalog.from_folder(tmp_path / "shop"), progress=False, log=None)
-    assert off.config.flip is False and len(fitted_with[1]["X"]) == len(ids["train"])
+    off = Recommender(**TINY_MODEL, image_fit="pad", flip=False).fit_catalog(
+        Catalog.from_folder(holdout_run.root, label_depth=2), holdout=0.25, progress=False,
+        log=None)
+    assert off.config.flip is False and len(fitted_with[0]["X"]) == n_train
     with pytest.raises(FashionrecError, match="are for product-catalog runs"):
-        Recommender(**TINY, flip=True).fit(log=None)
+        Recommender(**TINY_MODEL, flip=True).fit(log=None)
 
 
-def test_several_fits_are_views_cached_once_each(tmp_path, fitted_with):
-    """The catalog default, ``image_fit="pad+crop"`` with flip: four views per product (letterboxed, cropped,
-    each mirrored), each extracted once into its own cache file; a retrain reuses them."""
-    make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
-    run = tmp_path / "run"
-    cat = Catalog.from_folder(tmp_path / "shop")
-    rec = Recommender(**TINY).fit_catalog(cat, cache_dir=run / "features", progress=False,
-                                          log=None)  # the catalog default: pad+crop, flip
-    assert rec.config.image_fit == "pad+crop" and rec.config.views() == [("pad", False), ("pad", True), ("crop", False),
-                                  ("crop", True)]
-    assert len(fitted_with[0]["X"]) == 4 * 18
-    names = sorted(p.name.rsplit("-", 1)[0] for p in (run / "features").iterdir())
+def test_several_fits_are_views_cached_once_each(split_run, refit):
+    """The catalog default, ``image_fit="pad+crop"`` with flip: four views per product
+    (letterboxed, cropped, each mirrored), each extracted once into its own cache file; a
+    retrain (refit: the same catalog, on train+validation) reuses them."""
+    rec = split_run.rec  # the catalog default: pad+crop, flip
+    assert rec.config.image_fit == "pad+crop" and rec.config.views() == [
+        ("pad", False), ("pad", True), ("crop", False), ("crop", True)]
+    assert len(split_run.calls[0]["X"]) == 4 * len(split_run.ids["train"])
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (split_run.run_dir / "features").iterdir())
     assert names == ["catalog", "catalog-crop", "catalog-crop-mirror", "catalog-pad-mirror"]
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()}
-    Recommender(**TINY).fit_catalog(cat, cache_dir=run / "features", progress=False, log=None)
-    assert {p: p.stat().st_mtime_ns for p in (run / "features").iterdir()} == stamps
+    assert len(refit.stamps_before) == 4 and refit.stamps_after == refit.stamps_before
     with pytest.raises(FashionrecError, match="image_fit must be one or more of"):
-        Recommender(**TINY, image_fit="pad+squash")
+        Recommender(**TINY_MODEL, image_fit="pad+squash")
 
 
-def test_unset_settings_take_the_kind_of_runs_defaults(tmp_path):
+def test_unset_settings_take_the_kind_of_runs_defaults(split_run, tmp_path):
     """Fashion-MNIST keeps the design card's recipe; catalogs get the measured defaults;
-    what was used is recorded; a catalog run from before these settings reloads as
-    letterboxed and unmirrored."""
+    what was used is recorded (split_run leaves the learning rate, flip and pooling
+    unset); a catalog run from before these settings reloads as letterboxed and
+    unmirrored."""
     from fashionrec import RunConfig
     from fashionrec.config import CATALOG_DEFAULTS
 
@@ -325,15 +369,11 @@ def test_unset_settings_take_the_kind_of_runs_defaults(tmp_path):
     shop = RunConfig().resolved(catalog=True)
     assert shop.epochs == CATALOG_DEFAULTS["epochs"] and shop.image_fit == "pad+crop"
     assert RunConfig(epochs=5).resolved(catalog=True).epochs == 5  # given: kept
-    make_split_catalog(tmp_path / "shop", {"train": 6, "test": 2})
-    run = tmp_path / "run"
-    rec = Recommender(**TINY).fit_catalog(Catalog.from_folder(tmp_path / "shop"),
-                                          progress=False, log=None)
-    rec.save(run)
+    run = shutil.copytree(split_run.run_dir, tmp_path / "run", symlinks=True)  # edited below
     saved = read_json(run / "run.json")["config"]
     assert saved["learning_rate"] == CATALOG_DEFAULTS["learning_rate"] and saved["flip"] is True
     assert saved["pooling"] == "gem" == read_json(run / "run.json")["backbone"]["pooling"]
-    assert Recommender.load(run).recommend(item=rec.index_.ids[0], k=3).items  # rebuilt
+    assert Recommender.load(run).recommend(item=split_run.ids["train"][0], k=3).items  # rebuilt
     meta = read_json(run / "run.json")
     meta["config"].pop("image_fit")
     meta["config"].pop("flip")

@@ -20,7 +20,7 @@ CLASSES = ["boots", "bags", "hats"]
 
 def base_index(n=12, seed=0):
     rng = np.random.default_rng(seed)
-    return CatalogIndex.build(
+    return CatalogIndex(
         rng.normal(size=(n, 4)), ids=[f"sku-{i}" for i in range(n)], labels=np.arange(n) % 3,
         class_names=CLASSES, metadata={"run_id": "run-1"},
         paths=[f"/shop/{i}.jpg" for i in range(n)], categories=["Shoes/Boots"] * n)
@@ -29,7 +29,7 @@ def base_index(n=12, seed=0):
 def part(ids, index, seed=1):
     rng = np.random.default_rng(seed)
     return CatalogIndex(rng.normal(size=(len(ids), 4)), ids, np.zeros(len(ids)), CLASSES,
-                        index.scaler, paths=[f"/new/{i}.jpg" for i in ids],
+                        None, paths=[f"/new/{i}.jpg" for i in ids],
                         categories=["New"] * len(ids))
 
 
@@ -77,7 +77,7 @@ def test_bad_updates_change_nothing(store):
     with pytest.raises(FashionrecError, match="not in the index.*nothing was removed"):
         s.remove(["sku-1", "nope"])
     assert not s.manifest_path.exists() and len(s.load()) == 12
-    other = CatalogIndex(np.zeros((1, 4)), ["x"], [0], ["a", "b", "c"], index.scaler)
+    other = CatalogIndex(np.zeros((1, 4)), ["x"], [0], ["a", "b", "c"])
     with pytest.raises(FashionrecError, match="another model"):
         s.add(other)
 
@@ -132,7 +132,7 @@ KILL_AT = textwrap.dedent("""
     index = store.load()
     if sys.argv[4] == "add":
         store.add(CatalogIndex(np.ones((3, 4)), ["n1", "n2", "n3"], [0, 1, 2],
-                               index.class_names, index.scaler))
+                               index.class_names))
     else:
         store.remove(["sku-1", "sku-2"])
 """)
@@ -181,7 +181,7 @@ UPDATER = textwrap.dedent("""
         else:
             store.add(CatalogIndex(np.full((50, 4), step, float),
                                    [f"s{step}-{j}" for j in range(50)], np.zeros(50),
-                                   index.class_names, index.scaler))
+                                   index.class_names))
         print(step, flush=True)
 """)
 

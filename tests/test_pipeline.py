@@ -12,14 +12,17 @@ import h5py
 import numpy as np
 import pytest
 from catalogs import make_folder_catalog
+from conftest import TINY_MODEL
 
 from fashionrec import FashionrecError, Recommender
-from fashionrec import catalog as catalog_module
+from fashionrec import images as images_module
 from fashionrec.catalog import Catalog, ImageFiles
 from fashionrec.extract import FeatureExtractor, ViewCache, build_backbone, prefetch
 
-TINY = dict(image_size=32, weights="none", epochs=2, batch_size=8, extract_batch_size=8,
-            engine="keras", precision="float32")
+# extract_batch_size 8: the small shop extracts in several batches, which is what the
+# decoding pipeline and its cache are tested on; the Keras engine in float32 so that
+# every machine extracts alike ("auto" picks OpenVINO bfloat16 on some CPUs).
+TINY = {**TINY_MODEL, "extract_batch_size": 8, "engine": "keras", "precision": "float32"}
 VIEWS = [("pad", False), ("crop", False), ("pad", True), ("crop", True)]
 
 
@@ -82,9 +85,10 @@ def test_each_image_is_decoded_once_for_all_views(shop, monkeypatch):
     root, good, _ = shop
     paths = [root / g for g in good[:7]]
     calls, fits = [], []
-    real, real_fit = catalog_module.open_image, catalog_module.fit_square
-    monkeypatch.setattr(catalog_module, "open_image", lambda p: calls.append(p) or real(p))
-    monkeypatch.setattr(catalog_module, "fit_square",
+    real, real_fit = images_module.open_image, images_module.fit_square
+    monkeypatch.setattr(images_module, "open_image",
+                        lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    monkeypatch.setattr(images_module, "fit_square",
                         lambda img, size, fit: fits.append(fit) or real_fit(img, size, fit))
     files = ImageFiles(paths, 32, views=VIEWS)
     images, failed = files.load(0, len(files))

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 from catalogs import make_folder_catalog
-from test_extract import tiny_backbone
+from models import tiny_backbone
 
 from fashionrec import FashionrecError, Recommender
 from fashionrec.catalog import Catalog, ImageFiles

@@ -29,4 +29,6 @@ def test_readme_catalog_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
     assert "query: catalog item Footwear/Boots/acme/boots-0000.jpg" in out
     assert "only: category Footwear" in out
     assert "139 products in the living index" in out
-    assert (tmp_path / "runs" / "shop" / "index.manifest.json").is_file()
+    from fashionrec import RunDir
+
+    assert RunDir(tmp_path / "runs" / "shop").current().index_manifest.is_file()

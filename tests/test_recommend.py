@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashionrec import FashionrecError, Recommender
+from fashionrec import FashionrecError, Recommender, RunDir
 from fashionrec.artifacts import read_json, write_json
 
 
@@ -93,10 +94,8 @@ def test_loading_refuses_missing_and_mixed_runs(trained_run, tmp_path):
         Recommender.load(tmp_path / "nothing")
     _, run_dir = trained_run
     mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for f in run_dir.iterdir():
-        if f.is_file():
-            (mixed / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(run_dir, mixed, ignore=shutil.ignore_patterns("features"))
+    version = RunDir(mixed).current()
     meta = read_json(mixed / "run.json")
     meta["run_id"] = "another-run"  # as if the save was interrupted after run.json changed
     write_json(mixed / "run.json", meta)
@@ -104,9 +103,9 @@ def test_loading_refuses_missing_and_mixed_runs(trained_run, tmp_path):
         Recommender.load(mixed)
     # a head from another run beside this run's index and run.json is refused too
     (mixed / "run.json").write_bytes((run_dir / "run.json").read_bytes())
-    head = read_json(mixed / "head.json")
+    head = read_json(version.head_state)
     head["run_id"] = "another-run"
-    write_json(mixed / "head.json", head)
+    write_json(version.head_state, head)
     with pytest.raises(FashionrecError, match="mixes files of two runs"):
         Recommender.load(mixed)
 

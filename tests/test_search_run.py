@@ -15,6 +15,7 @@ from fashionrec import FashionrecError, Recommender
 from fashionrec.artifacts import read_json
 from fashionrec.catalog import Catalog
 from fashionrec.cli import main
+from fashionrec.rundir import RunDir
 from fashionrec.search import ExactSearch, LiveSearch
 from fashionrec.search.hnsw import HNSWSearch
 
@@ -84,7 +85,7 @@ def test_index_switches_a_saved_run_and_compact_folds_updates(run_copy, capsys):
 
     assert main(["index", "--run-dir", str(run_copy), "--search", "exact"]) == 0
     assert isinstance(Recommender.load(run_copy).index_.backend, ExactSearch)
-    assert "ann" not in json.loads((run_copy / "index.manifest.json").read_text())
+    assert "ann" not in json.loads(RunDir(run_copy).current().index_manifest.read_text())
 
 
 def test_index_and_compact_errors_are_one_line(tmp_path, run_copy, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from sklearn.preprocessing import StandardScaler
 
 from fashionrec import CatalogIndex, FashionrecError
 from fashionrec.search import ExactSearch, LiveSearch
@@ -26,7 +27,7 @@ def base_index(n=300, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(6, 8)) * 4
     emb = centers[np.arange(n) % 6] + rng.normal(size=(n, 8))
-    return CatalogIndex.build(emb, ids=[f"sku-{i}" for i in range(n)], labels=np.arange(n) % 3,
+    return CatalogIndex(StandardScaler().fit_transform(emb), ids=[f"sku-{i}" for i in range(n)], labels=np.arange(n) % 3,
                               class_names=CLASSES, metadata={"run_id": "run-1"},
                               paths=[f"/shop/{i}.jpg" for i in range(n)])
 
@@ -34,7 +35,7 @@ def base_index(n=300, seed=0):
 def part(ids, index, seed=1):
     rng = np.random.default_rng(seed)
     return CatalogIndex(rng.normal(size=(len(ids), 8)).astype(np.float32), ids,
-                        np.zeros(len(ids)), CLASSES, index.scaler,
+                        np.zeros(len(ids)), CLASSES, None,
                         paths=[f"/new/{i}.jpg" for i in ids])
 
 
@@ -106,13 +107,19 @@ def test_a_missing_stale_or_damaged_graph_is_rebuilt_not_trusted(store, damage):
         s.manifest_path.write_text(json.dumps({**m, "ann": {**m["ann"], "m": 4}}))
     messages = []
     live = s.load(SPEC, log=messages.append)
-    assert any("building it over 300 items" in msg for msg in messages), messages
-    assert any("HNSW graph saved" in msg for msg in messages), messages
+    assert any("building it in memory over 300 items" in msg for msg in messages), messages
     rows, _ = live.search_rows(live.vectors[:5], k=3)
     assert np.array_equal(rows, exact_answer(live, live.vectors[:5], 3)[0])
+    # a reader never writes a graph (a service and the CLI would overwrite each other's
+    # choice): the manifest is as it was, and only `index` saves a sound graph
+    assert s.manifest() == json.loads(s.manifest_path.read_text())
     again = []
-    s.load(SPEC, log=again.append)  # the rebuilt graph was saved: no second rebuild
-    assert again == []
+    s.load(SPEC, log=again.append)
+    assert any("building it in memory" in msg for msg in again), again
+    s.build_graph(SPEC)
+    quiet = []
+    s.load(SPEC, log=quiet.append)
+    assert quiet == []
     assert {f.name for f in s.segment_dir.iterdir()} == {s.manifest()["ann"]["file"].split("/")[1]}
 
 
@@ -255,7 +262,7 @@ def test_a_sound_graph_with_poor_recall_is_trusted_not_rebuilt(tmp_path):
     to find them (an approximate graph on hard data may not)."""
     rng = np.random.default_rng(0)
     index = CatalogIndex(rng.standard_normal((400, 64)).astype(np.float32), np.arange(400),
-                         np.zeros(400), CLASSES, base_index(10).scaler,
+                         np.zeros(400), CLASSES, None,
                          metadata={"run_id": "run-1"})
     spec = {**SPEC, "m": 2, "ef_construction": 2, "ef_search": 2}
     index.backend = HNSWSearch.build(index.vectors, 2, 2, 2)

@@ -15,16 +15,14 @@ the plain dict recorded in ``run.json``; :func:`build` makes a back-end from one
 
 from __future__ import annotations
 
-from ..config import SEARCH_CHOICES as CHOICES
-from ..config import RunConfig
 from ..errors import FashionrecError
 from .base import LiveSearch, SearchBackend
 from .exact import ExactSearch, knn_search
 from .hnsw import FILTER_EXACT_MAX
 
-_F = RunConfig.__dataclass_fields__
-HNSW_DEFAULTS = {"m": _F["hnsw_m"].default, "ef_construction": _F["hnsw_ef_construction"].default,
-                 "ef_search": _F["hnsw_ef_search"].default, "filter_exact_max": FILTER_EXACT_MAX}
+CHOICES = ("auto", "exact", "hnsw")  # a run's search setting
+HNSW_DEFAULTS = {"m": 32, "ef_construction": 80, "ef_search": 96,
+                 "filter_exact_max": FILTER_EXACT_MAX}
 
 
 def hnsw_available():
@@ -72,10 +70,23 @@ def build(spec, vectors, progress=False):
     if spec["backend"] == "hnsw":
         from .hnsw import HNSWSearch
 
-        return HNSWSearch.build(vectors, **{k: v for k, v in spec.items() if k != "backend"},
-                                progress=progress)
+        return HNSWSearch.build(vectors, **graph_params(spec), progress=progress)
     raise FashionrecError(f"unknown search back-end {spec['backend']!r}")
 
 
-__all__ = ["CHOICES", "ExactSearch", "LiveSearch", "SearchBackend", "build", "knn_search",
+def graph_params(spec):
+    """The parameters of an HNSW ``spec`` (without its ``backend``)."""
+    return {k: spec[k] for k in ("m", "ef_construction", "ef_search", "filter_exact_max")
+            if k in spec}
+
+
+def load_graph(path, vectors, spec):
+    """The saved graph of ``spec`` over ``vectors``, checked against them; a missing,
+    damaged or foreign file is a :class:`FashionrecError`."""
+    from .hnsw import HNSWSearch
+
+    return HNSWSearch.load(path, vectors, **graph_params(spec)).check(vectors)
+
+
+__all__ = ["CHOICES", "ExactSearch", "LiveSearch", "SearchBackend", "build", "graph_params", "knn_search", "load_graph",
            "resolve"]

@@ -18,6 +18,7 @@ read the graph's vectors into memory.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -88,11 +89,22 @@ class HNSWSearch(SearchBackend):
         return cls(index, vectors, m, ef_construction, ef_search, filter_exact_max)
 
     def save(self, path):
-        """Write the graph to ``path`` atomically (FAISS's own format)."""
+        """Write the graph to ``path`` atomically (FAISS's own format); returns its
+        record (parameters, size, FAISS version) for the store's manifest."""
         faiss = _faiss()
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
-        return path
+        return {**self.params(), "n": self.size, "dim": int(self.index.d),
+                "bytes": Path(path).stat().st_size, "faiss": faiss.__version__}
+
+    def check(self, vectors, n=16):
+        """A loaded graph must hold ``vectors`` at a few rows spread over it (a cheap
+        guard against a file that reads but belongs to other vectors)."""
+        rows = np.linspace(0, len(vectors) - 1, min(n, len(vectors))).astype(np.int64)
+        stored = np.stack([self.index.reconstruct(int(r)) for r in rows])
+        if not np.array_equal(stored, np.asarray(vectors[rows], dtype=np.float32)):
+            raise FashionrecError("its vectors are not the index's")
+        return self
 
     @classmethod
     def load(cls, path, vectors, **params):

@@ -62,7 +62,7 @@ def run(settings, host="127.0.0.1", port=8000, workers=1, log=print):
     watcher = RunWatcher(settings.run_dir, settings.check_interval, log=log)
     writes = "on (API key set)" if settings.api_key else "off (no API key)"
     log(f"fashionrec serve: http://{host}:{port}/  (run {settings.run_dir}: "
-        f"{len(watcher.rec.index_)} items; {workers} worker(s); API docs at /docs; "
+        f"{watcher.rec.stats()['items']} items; {workers} worker(s); API docs at /docs; "
         f"writes {writes})")
     config = dict(host=host, port=port, log_level="warning", access_log=False)
     if workers > 1:

@@ -2,7 +2,7 @@
 
 :class:`RunWatcher` holds a loaded :class:`~fashionrec.recommend.Recommender`. Every
 query asks it for the current one; at most every ``check_interval`` seconds that
-looks at ``run.json`` and the index manifest (two ``stat`` calls):
+looks at the run's record and its catalog's manifest (two ``stat`` calls):
 
 * the index changed (an ``add`` / ``remove`` / ``compact`` by the CLI or another
   process): the live index is loaded and swapped in; queries already running keep
@@ -23,16 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FashionrecError
-from ..recommend import INDEX_FILE, RUN_FILE, Recommender
-from ..store import IndexStore
-
-
-def _stamp(path):
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
+from ..recommend import Recommender
+from ..rundir import RunDir
 
 
 class RunWatcher:
@@ -61,8 +53,7 @@ class RunWatcher:
         return rec
 
     def _read_stamps(self):
-        store = IndexStore(self.run_dir / INDEX_FILE)
-        return _stamp(self.run_dir / RUN_FILE), _stamp(store.manifest_path)
+        return RunDir(self.run_dir).stamps()
 
     def warm(self):
         """Build the backbone and run one query through every stage, so the first
@@ -92,19 +83,16 @@ class RunWatcher:
     def _reload(self, stamps):
         rec = self.rec
         try:
-            run_id = Recommender.read_run_id(self.run_dir)
+            run_id = RunDir(self.run_dir).run_id()
             if run_id != rec.run_id_:  # retrained: swap in the whole new run once complete
                 new = self._load()
                 photo_error = warm_up(new)
                 self.rec, self.photo_error = new, photo_error
-                self.log(f"serve: switched to run {new.run_id_} ({len(new.index_)} items)")
+                self.log(f"serve: switched to run {new.run_id_} ({new.stats()['items']} items)")
             else:
-                index = IndexStore(self.run_dir / INDEX_FILE).load(rec.search_spec, log=self.log)
-                if index.metadata.get("run_id") != rec.run_id_:
-                    return  # a retrain is being written: keep what we have, look again later
-                rec.index_ = index
-                self.log(f"serve: index generation {index.metadata.get('generation')} "
-                         f"({len(index)} items)")
+                stats = rec.refresh(log=self.log).stats()
+                self.log(f"serve: index generation {stats['index']['generation']} "
+                         f"({stats['items']} items)")
         except FashionrecError as exc:  # half-written: try again at the next look
             self.log(f"serve: not reloaded yet ({exc})")
             return
@@ -119,14 +107,13 @@ def warm_up(rec):
     """One item query and one photo query through every stage (this builds the
     backbone and compiles what Keras compiles lazily). Returns why photo queries fail
     (e.g. the backbone file is gone), or ``None``."""
-    index = rec.index_
-    if len(index) > 1:
-        rec.recommend(item=index.ids[0].item() if index.id_kind == "int" else index.ids[0],
-                      k=1)
+    total, first = rec.browse(0, 1)
+    if total > 1:
+        rec.recommend(item=first[0].id, k=1)
     if rec.is_catalog:
         image = np.full((rec.config.image_size, rec.config.image_size, 3), 255, np.uint8)
     else:
-        image = np.zeros(rec._image_shape(), np.float32)
+        image = np.zeros(rec.image_shape, np.float32)
     try:
         result = rec.recommend_batch([{"query": image, "k": 1}])[0]
     except FashionrecError as exc:

@@ -1,0 +1,130 @@
+"""What every router shares: the served run, the settings, the metrics and the photo
+batcher (one :class:`Context` per app, reached through :data:`Ctx`), the checks the
+routes make, and how library answers become JSON.
+
+Answers never hold a file path: an :class:`~fashionrec.results.Item`'s ``path`` and a
+query's ``path`` are left out, and each item gets the URL of its picture instead.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import FashionrecError
+from ..rundir import StaleVersion
+from .uploads import Uploads
+
+
+class ApiError(Exception):
+    """A 4xx answer with one sentence."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def json_error(status, message, **extra):
+    """``{"error": message, **extra}`` with ``status``."""
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+@dataclass
+class Context:
+    """The app's dependencies, handed to every route (see :data:`Ctx`).
+
+    Args:
+        settings: the :class:`~fashionrec.serve.app.ServeSettings`.
+        watcher: the served run (:class:`~fashionrec.serve.state.RunWatcher`).
+        metrics: the app's Prometheus metrics.
+        batcher: photo queries (:class:`~fashionrec.serve.batcher.MicroBatcher`).
+    """
+
+    settings: object
+    watcher: object
+    metrics: object
+    batcher: object
+
+    def __post_init__(self):
+        self.uploads = Uploads(self.watcher.run_dir)
+
+    def rec(self):
+        """The recommender to answer with; 503 while the model is loading."""
+        if not self.watcher.ready:
+            raise ApiError(503, "the service is starting: the model is loading")
+        current = self.watcher.current()
+        self.metrics.items.set(len(current.index_))
+        return current
+
+    def check_write(self, request):
+        """401 / 403 unless the request carries the API key (writes need it)."""
+        key = self.settings.api_key
+        if not key:
+            raise ApiError(403, "writes are off: start the service with an API key "
+                                "(FASHIONREC_API_KEY or --api-key-file) to add or remove items")
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            raise ApiError(401, "this route needs an 'Authorization: Bearer <key>' header")
+        if not hmac.compare_digest(auth[7:].strip().encode(), key.encode()):
+            raise ApiError(403, "the API key is not valid")
+
+    def category_filter(self, k, category):
+        """422 when ``k`` is above the limit; the category to filter by, or ``None``."""
+        if k > self.settings.max_k:
+            raise ApiError(422, f"k must be at most {self.settings.max_k}, got {k}")
+        return None if category is None or not category.strip() else category.strip()
+
+    def write(self, write, status):
+        """``write()`` under the service's write lock, then the files noted as ours. A
+        :class:`~fashionrec.errors.FashionrecError` is answered 409 when the catalog is
+        being updated or the model version changed meanwhile, else ``status``."""
+        with self.watcher.write_lock:
+            try:
+                out = write()
+            except FashionrecError as exc:
+                conflict = isinstance(exc, StaleVersion) or "being updated" in str(exc)
+                raise ApiError(409 if conflict else status, str(exc)) from None
+            self.watcher.after_write()
+        return out
+
+
+async def _context(request: Request):
+    return request.app.state.context
+
+
+Ctx = Annotated[Context, Depends(_context)]  # a route's parameter: the app's Context
+
+
+def n_items(rec):
+    """How many items ``rec`` serves."""
+    return rec.stats()["items"]
+
+
+def image_url(item_id):
+    return f"/api/items/{quote(str(item_id), safe='')}/image"
+
+
+def item_json(item):
+    """An :class:`~fashionrec.results.Item` as the API shows it (no file path)."""
+    out = {"id": item.id, "label": item.label, "class_name": item.class_name}
+    if item.category:
+        out["category"] = item.category
+    out["image_url"] = image_url(item.id)
+    return out
+
+
+def result_json(result):
+    """A :class:`~fashionrec.results.Recommendation` as ``recommend --json`` gives it,
+    without file paths, plus each item's picture URL (a JSONResponse straight away: no
+    second walk through FastAPI's encoder)."""
+    out = result.to_dict()
+    out["query"] = {k: v for k, v in out["query"].items() if k != "path"}
+    for item in out["items"]:
+        item.pop("path", None)
+        item["image_url"] = image_url(item["id"])
+    return JSONResponse(out)

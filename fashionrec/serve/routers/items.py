@@ -1,0 +1,153 @@
+"""The catalog: browse it, one item, the items similar to one, its picture; add and
+remove products (writes: they need the API key)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+
+from ...catalog import Catalog
+from ...errors import FashionrecError
+from ..context import ApiError, Ctx, item_json, n_items, result_json
+
+router = APIRouter()
+
+
+def _item(rec, item_id):
+    """The catalog item ``item_id``; 404 if there is none."""
+    try:
+        return rec.item(item_id)
+    except FashionrecError as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+@router.get("/api/items", summary="Browse the catalog")
+def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500),
+          class_name: str | None = Query(None, alias="class"),
+          category: str | None = None):
+    try:
+        total, found = ctx.rec().browse(offset, limit, class_name, category)
+    except FashionrecError as exc:
+        raise ApiError(422, str(exc)) from None
+    return {"total": total, "offset": offset, "limit": limit,
+            "items": [item_json(item) for item in found]}
+
+
+@router.get("/api/items/{item_id:path}/similar", summary="Items similar to a catalog item")
+def similar_to_item(ctx: Ctx, item_id: str, k: int = Query(6, ge=1), same_class: bool = False,
+                    category: str | None = None):
+    rec = ctx.rec()
+    category = ctx.category_filter(k, category)
+    _item(rec, item_id)
+    try:
+        result = rec.recommend(item=item_id, k=k, same_class=same_class, category=category,
+                               with_image=False)
+    except FashionrecError as exc:
+        raise ApiError(422, str(exc)) from None
+    return result_json(result)
+
+
+@router.get("/api/items/{item_id:path}/image", summary="An item's picture (PNG)",
+            response_class=Response)
+def item_image(ctx: Ctx, item_id: str):
+    try:
+        image = ctx.rec().item_image(item_id)
+    except FashionrecError as exc:
+        raise ApiError(404, str(exc)) from None
+    if image is None:
+        raise ApiError(404, f"the picture of item {item_id!r} is missing")
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).save(buf, "PNG")
+    return Response(buf.getvalue(), media_type="image/png",
+                    headers={"Cache-Control": "max-age=300"})
+
+
+@router.get("/api/items/{item_id:path}", summary="An item's metadata")
+def item(ctx: Ctx, item_id: str):
+    return item_json(_item(ctx.rec(), item_id))
+
+
+@router.delete("/api/items/{item_id:path}", summary="Remove an item (needs the API key)")
+def delete_item(ctx: Ctx, item_id: str, request: Request):
+    ctx.check_write(request)
+    rec = ctx.rec()
+    gone = _item(rec, item_id)
+    ctx.write(lambda: rec.remove([item_id], log=None), status=404)
+    ctx.uploads.delete_picture(gone.path)  # a picture this service stored for the product
+    return {"removed": gone.id, "items": n_items(rec)}
+
+
+_LIST = {"type": "array", "items": {"type": "string"}}
+_ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["images"],
+    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                   "ids": _LIST, "labels": _LIST}}}}}}
+
+
+@router.post("/api/items", summary="Add products: photos, ids, optional labels "
+                                   "(needs the API key)", openapi_extra=_ADD_BODY)
+async def add_items(ctx: Ctx, request: Request):
+    ctx.check_write(request)  # before a byte of the body is read
+    rec = ctx.rec()
+    async with request.form() as form:
+        images, ids, labels = _add_form(form)
+        batch = ctx.uploads.batch()
+        try:
+            for upload in images:
+                await batch.save(upload)
+            catalog = _catalog(batch, ids, labels)
+            report = await asyncio.get_running_loop().run_in_executor(
+                None, ctx.write, lambda: rec.add(catalog, progress=False, log=None), 422)
+            added = {str(a["id"]) for a in report["added"]}
+            batch.keep(p for p, i in zip(batch.paths, catalog.ids, strict=True)
+                       if str(i) in added)
+        except ApiError as exc:
+            exc.message = batch.public(exc.message)
+            raise
+        finally:
+            batch.discard()  # whatever happened: no upload of a product not added
+    skipped = [{**{k: v for k, v in s.items() if k != "path"},
+                "reason": batch.public(s["reason"])} for s in report["skipped"]]
+    if not report["n_added"] and skipped:
+        first = skipped[0]
+        raise ApiError(422, f"nothing was added: {first['id'] or 'an image'} was skipped "
+                            f"({first['kind']}: {first['reason']})")
+    return {**report, "skipped": skipped, "items": n_items(rec)}
+
+
+def _catalog(batch, ids, labels):
+    """The saved files as a :class:`~fashionrec.catalog.Catalog`; ids default to the
+    client's file names (without extension); 422 when it cannot be one."""
+    try:
+        return Catalog.from_files(batch.paths, labels=labels,
+                                  ids=ids or [Path(name).stem for name in batch.names])
+    except FashionrecError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def _add_form(form):
+    """``(images, ids, labels)`` of an add request's form, checked: one id per image
+    (or none), one label per image or one for all (or none)."""
+    images = form.getlist("images")
+    if not images:
+        raise ApiError(422, "images: Field required")
+    if not all(isinstance(f, UploadFile) for f in images):
+        raise ApiError(422, "images: every 'images' part must be a file")
+    ids, labels = form.getlist("ids") or None, form.getlist("labels") or None
+    if not all(isinstance(v, str) for v in (ids or []) + (labels or [])):
+        raise ApiError(422, "ids, labels: give text, not files")
+    if ids is not None and len(ids) != len(images):
+        raise ApiError(422, f"give one id per image ({len(images)} images, {len(ids)} ids)")
+    if labels is not None and len(labels) not in (1, len(images)):
+        raise ApiError(422, "give one label per image, or one for all")
+    if labels is not None and len(labels) == 1:
+        labels = labels * len(images)
+    return images, ids, labels

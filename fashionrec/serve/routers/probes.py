@@ -1,0 +1,35 @@
+"""Health, readiness, what is served (``/api/stats``) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..context import Ctx, json_error
+
+router = APIRouter()
+
+
+@router.get("/api/health", summary="The process is alive")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/api/ready", summary="The model is loaded and warmed")
+async def ready(ctx: Ctx):
+    if not ctx.watcher.ready:
+        return json_error(503, "the service is starting: the model is loading", ready=False)
+    return {"ready": True}
+
+
+@router.get("/api/stats", summary="Items, classes, the run and its index")
+def stats(ctx: Ctx):
+    return ctx.rec().stats()
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+def prometheus(ctx: Ctx):
+    if ctx.watcher.ready:
+        ctx.metrics.items.set(len(ctx.watcher.rec.index_))
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
