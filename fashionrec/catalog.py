@@ -12,7 +12,8 @@ Two layouts are read:
 * a CSV manifest (like Kaggle's Fashion Product Images ``styles.csv`` beside
   ``images/<id>.jpg``): an id column, a label column of your choice, and either an
   image-path column or an id -> path pattern such as ``images/{id}.jpg``; paths are
-  relative to the CSV's folder; optional category columns are joined by ``/``.
+  relative to the CSV's folder (and must stay inside it unless ``allow_outside``);
+  optional category columns are joined by ``/``.
 
 :meth:`Catalog.check` then reads every image once (JPEG, PNG, WebP; colour, gray or
 with alpha; up to :data:`~fashionrec.images.MAX_PIXELS` pixels) with
@@ -33,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import FashionrecError
+from .ids import check_id, id_problem
 from .images import (  # noqa: F401  (image code lives in .images; names kept here)
     IMAGE_EXTENSIONS,
     ImageFiles,
@@ -96,14 +98,16 @@ class Catalog:
     # ------------------------------------------------------------ readers
     @classmethod
     def read(cls, path, label_depth=1, label_column="label", id_column="id",
-             image_column=None, image_pattern="images/{id}.jpg", category_columns=None):
-        """A folder (image-folder layout) or a ``.csv`` file (manifest layout)."""
+             image_column=None, image_pattern="images/{id}.jpg", category_columns=None,
+             allow_outside=False):
+        """A folder (image-folder layout) or a ``.csv`` file (manifest layout;
+        ``allow_outside``: see :meth:`from_csv`)."""
         path = Path(path)
         if path.is_dir():
             return cls.from_folder(path, label_depth)
         if path.is_file() and path.suffix.lower() == ".csv":
             return cls.from_csv(path, label_column, id_column, image_column, image_pattern,
-                                category_columns)
+                                category_columns, allow_outside)
         if not path.exists():
             raise FashionrecError(f"catalog {path} does not exist")
         raise FashionrecError(f"catalog {path} is neither a folder of images nor a .csv file")
@@ -136,6 +140,8 @@ class Catalog:
                 skipped.append(_skip(item, "not an image file",
                                      f"extension {path.suffix or '(none)'} is not one of "
                                      f"{', '.join(IMAGE_EXTENSIONS)}"))
+            elif id_problem(item["id"]):
+                skipped.append(_skip(item, "bad id", id_problem(item["id"])))
             elif len(folders) < label_depth:
                 skipped.append(_skip(item, "no class folder",
                                      f"fewer than {label_depth} folder level(s) above it"))
@@ -154,7 +160,7 @@ class Catalog:
 
     @classmethod
     def from_csv(cls, csv_path, label_column="label", id_column="id", image_column=None,
-                 image_pattern="images/{id}.jpg", category_columns=None):
+                 image_pattern="images/{id}.jpg", category_columns=None, allow_outside=False):
         """Rows of a CSV manifest; image paths relative to the CSV's folder.
 
         Args:
@@ -165,6 +171,9 @@ class Catalog:
             image_pattern: an id -> path pattern, ``{id}`` replaced by the id.
             category_columns: columns joined by ``/`` into the item's category
                 (default: the label column).
+            allow_outside: let rows name images outside the CSV's folder (absolute
+                paths, ``..``, symlinks leading out); by default such rows are skipped,
+                as the service shows every catalog image to anyone who asks.
         """
         csv_path = Path(csv_path)
         base = csv_path.parent
@@ -190,6 +199,7 @@ class Catalog:
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise FashionrecError(f"cannot read catalog manifest {csv_path} ({exc})") from None
         ids, paths, labels, categories, skipped, seen = [], [], [], [], [], set()
+        inside = None if allow_outside else base.resolve()
         for line, row in enumerate(rows, start=2):
             item_id = (row.get(id_column) or "").strip()
             label = (row.get(label_column) or "").strip()
@@ -197,32 +207,29 @@ class Catalog:
                 image_pattern.replace("{id}", item_id))
             path = base / rel
             item = {"id": item_id, "path": str(path), "line": line}
-            if not item_id:
-                skipped.append(_skip(item, "no id", f"line {line}: empty {id_column}"))
-            elif item_id in seen:
-                skipped.append(_skip(item, "duplicate id", f"line {line}: {id_column} "
-                                                           f"{item_id!r} seen before"))
-            elif not label:
-                skipped.append(_skip(item, "no label", f"line {line}: empty {label_column}"))
-            elif not rel or not path.is_file():
-                skipped.append(_skip(item, "image file missing", f"{path} does not exist"))
-            else:
-                seen.add(item_id)
-                ids.append(item_id)
-                paths.append(path.resolve())
-                labels.append(label)
-                categories.append("/".join((row.get(c) or "").strip() for c in category_columns))
+            problem = _csv_row_problem(item, label, rel, seen, inside, id_column, label_column)
+            if problem:
+                skipped.append(_skip(item, *problem))
+                continue
+            seen.add(item_id)
+            ids.append(item_id)
+            paths.append(path.resolve())
+            labels.append(label)
+            categories.append("/".join((row.get(c) or "").strip() for c in category_columns))
         source = {"layout": "csv", "manifest": str(csv_path.resolve()), "id_column": id_column,
                   "label_column": label_column, "image_column": image_column,
                   "image_pattern": None if image_column else image_pattern,
                   "category_columns": category_columns}
+        if allow_outside:
+            source["allow_outside"] = True
         return cls(ids, paths, labels, categories, source, skipped)
 
     @classmethod
     def from_files(cls, paths, ids=None, labels=None, categories=None):
-        """Loose image files (e.g. new products); ids default to the file names."""
+        """Loose image files (e.g. new products); ids default to the file names (every
+        id checked by :func:`fashionrec.ids.check_id`)."""
         paths = [Path(p) for p in paths]
-        ids = [p.name for p in paths] if ids is None else [str(i) for i in ids]
+        ids = [check_id(i) for i in ([p.name for p in paths] if ids is None else ids)]
         labels = [None] * len(paths) if labels is None else list(labels)
         if len(ids) != len(paths) or len(labels) != len(paths):
             raise FashionrecError("give one id and one label per image file")
@@ -412,6 +419,27 @@ class CatalogSplit:
                        d.get("holdout"), d.get("seed"))
         except (KeyError, TypeError) as exc:
             raise FashionrecError(f"not a catalog split ({exc})") from None
+
+
+def _csv_row_problem(item, label, rel, seen, inside, id_column, label_column):
+    """``(kind, reason)`` why a CSV row is skipped, or ``None`` for a usable one.
+    ``inside``: the (resolved) folder its image must lie in, ``None``: anywhere."""
+    item_id, line, path = item["id"], item["line"], Path(item["path"])
+    if not item_id:
+        return "no id", f"line {line}: empty {id_column}"
+    if id_problem(item_id):
+        return "bad id", f"line {line}: {id_problem(item_id)}"
+    if item_id in seen:
+        return "duplicate id", f"line {line}: {id_column} {item_id!r} seen before"
+    if not label:
+        return "no label", f"line {line}: empty {label_column}"
+    if inside is not None and rel and not path.resolve().is_relative_to(inside):
+        return "outside the catalog", (
+            f"line {line}: {rel} leads outside the catalog's folder {inside} (to "
+            f"{path.resolve()}); allow it with allow_outside (--allow-outside)")
+    if not rel or not path.is_file():
+        return "image file missing", f"{path} does not exist"
+    return None
 
 
 def _skip(item, kind, reason):

@@ -44,6 +44,8 @@ PRODUCTS = {
     9: ("Footwear", "Boots", "Footwear", "Shoes", "Boots"),
 }
 BRANDS = ("acme", "northwind", "umbra")
+OUTPUTS = ("folder", "csv", "new")  # the folders a demo catalog writes (and replaces)
+MARKER = ".fashionrec-demo"  # in each of them: only such folders are ever deleted
 FORMATS = ((".jpg", "RGB"), (".png", "L"), (".png", "RGBA"), (".webp", "RGB"), (".jpg", "RGB"))
 
 
@@ -73,16 +75,33 @@ def _save(img, path):
         img.save(path)
 
 
+def _check_replaceable(out, subs=OUTPUTS):
+    """Refuse (one line) when one of the folders a demo catalog replaces exists without
+    the demo's marker: it is someone else's."""
+    for sub in subs:
+        path = out / sub
+        if (path.exists() or path.is_symlink()) and not (
+                path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()):
+            raise FashionrecError(f"{path} exists and was not written by the demo (no "
+                                  f"{MARKER} in it); move it away or choose another folder")
+
+
 def make_demo_catalog(out, per_class=60, n_new=2, seed=0, data_dir=None):
-    """Write the demo catalog under ``out`` (replacing an earlier one); return a
-    summary dict (counts and a few ids to try)."""
+    """Write the demo catalog under ``out`` (replacing an earlier one: only folders
+    holding the demo's marker file are deleted); return a summary dict (counts and a
+    few ids to try)."""
     out = Path(out)
+    _check_replaceable(out)  # before any work: nothing of the user's is deleted
     x_train, y_train, _ = load_split("fashion_mnist", "train", data_dir)
     x_test, y_test, _ = load_split("fashion_mnist", "test", data_dir)
     rng = np.random.default_rng(seed)
-    for sub in ("folder", "csv", "new"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    for sub in OUTPUTS:
+        _check_replaceable(out, [sub])  # again, just before deleting it
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        (out / sub).mkdir(parents=True)
+        (out / sub / MARKER).write_text("written by python -m fashionrec.demo; the next "
+                                        "run replaces this folder\n")
 
     rows, next_id, ids = [], 10000, {}
     for label, (cat, sub, master, subcat, article) in PRODUCTS.items():

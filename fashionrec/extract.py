@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, file_digest, sha256_file, short_reason
+from .artifacts import atomic_path, file_digest, flocked, sha256_file, short_reason
 from .config import POOLINGS, shared_dirs
 from .errors import FashionrecError
 from .images import model_batch
@@ -545,7 +545,9 @@ class ViewCache:
     are done after every batch: a killed extraction resumes where it stopped. When all
     rows are done the view files are written (each atomically) and the partial file
     removed. Rows whose image could not be decoded are recorded (attribute ``failed``)
-    and come back from :meth:`extract` beside the features.
+    and come back from :meth:`extract` beside the features. One process at a time
+    writes a partial file (it holds ``<...>.partial.lock``); a second extraction of the
+    same images stops with a one-line error instead of taking the file over.
 
     Args:
         cache_dir: the folder.
@@ -590,28 +592,42 @@ class ViewCache:
     def partial_path(self, views):
         return self.paths[views[0]].with_suffix(".partial.h5")
 
+    def _busy(self, path):
+        return (f"the feature cache {path} is being written by another process; wait for "
+                f"it or use another --run-dir")
+
     def open_partial(self, views):
         """The partial file for ``views`` (created, or reopened to resume when it was
-        made for the same keys), open for writing."""
+        made for the same keys), open for writing. Call it holding the partial file's
+        lock (:meth:`extract` does): a file that opens but is foreign, or that does not
+        open as HDF5 at all (cut short by a kill), is replaced; one that HDF5 finds
+        locked by another process is left alone."""
         path = self.partial_path(views)
         tag = json.dumps([self.keys[v] for v in views] + [self.info.fingerprint, self.n])
         if path.is_file():
             try:
                 f = h5py.File(path, "r+")
-                if f.attrs.get("key") == tag and f["features"].shape == (
-                        self.n, len(views), self.info.feature_dim):
-                    return f
+            except BlockingIOError:  # HDF5's own lock: another process has it open
+                raise FashionrecError(self._busy(path)) from None
+            except OSError:
+                f = None  # not HDF5 (a file cut short by a kill mid-write): start again
+            if f is not None:
+                try:
+                    if f.attrs.get("key") == tag and f["features"].shape == (
+                            self.n, len(views), self.info.feature_dim):
+                        return f
+                except KeyError:
+                    pass  # a foreign file: start again
                 f.close()
-            except (OSError, KeyError):
-                pass  # a file cut short by a kill mid-write: start again
             path.unlink()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         f = h5py.File(path, "w")
         f.attrs["key"] = tag
         f.attrs["failed"] = "{}"
+        # an empty image list gets a contiguous (0, V, D) dataset: no chunk fits in it
+        chunks = (min(self.n, 256), 1, self.info.feature_dim) if self.n else None
         f.create_dataset("features", (self.n, len(views), self.info.feature_dim),
-                         dtype="float32", chunks=(min(self.n, 256) or 1, 1,
-                                                  self.info.feature_dim))
+                         dtype="float32", chunks=chunks)
         f.create_dataset("done", (self.n,), dtype=bool, fillvalue=False)
         return f
 
@@ -656,6 +672,19 @@ class ViewCache:
             return [g[0] for g in got], got[0][1]
         if views is not None and len(todo) < len(self.paths):
             images = images.only_views(todo)  # decode once, for the missing views only
+        path = self.partial_path(todo)
+        # one writer per partial file: a second extraction of the same run stops here
+        with flocked(path.with_suffix(".lock"), wait=0, busy=self._busy(path)):
+            if not all(self.paths[v].is_file() and self._read(self.paths[v], self.keys[v])
+                       is not None for v in todo):  # else written by another since we looked
+                self._fill(todo, extractor, images, progress, desc, runner)
+        for v in todo:  # only the files just written are read back
+            got[v] = self._read(self.paths[v], self.keys[v])
+        return [g[0] for g in got], got[0][1]
+
+    def _fill(self, todo, extractor, images, progress, desc, runner):
+        """Extract the views ``todo`` through their partial file (resumed where an
+        earlier run stopped) and publish them."""
         partial = self.open_partial(todo)
         try:
             done = partial["done"][:]
@@ -670,6 +699,3 @@ class ViewCache:
         finally:
             if partial.id.valid:
                 partial.close()
-        for v in todo:  # only the files just written are read back
-            got[v] = self._read(self.paths[v], self.keys[v])
-        return [g[0] for g in got], got[0][1]

@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .artifacts import atomic_path, scaler_from_arrays
+from .artifacts import atomic_path, scaler_from_arrays, scaler_to_arrays
 from .errors import FashionrecError
 from .search import ExactSearch, knn_search  # noqa: F401 - knn_search: public here too
 
@@ -52,7 +52,8 @@ class CatalogIndex:
         ids: ``(N,)`` unique item ids, all integers or all strings.
         labels: ``(N,)`` class numbers into ``class_names``.
         scaler: only in index files written before the model kept its own embedding
-            scaler (:class:`~fashionrec.embedder.Embedder`): read, never written.
+            scaler (:class:`~fashionrec.embedder.Embedder`); kept when such a file is
+            compacted (a legacy run's model needs it).
         images, paths, categories: optional per-item arrays (see the module doc).
         metadata: a JSON-able dict saved with the index.
     """
@@ -208,6 +209,9 @@ class CatalogIndex:
                     f.create_dataset("ids", data=self.ids)
                 else:
                     f.create_dataset("ids", data=self.ids, dtype=strings)
+                if self.scaler is not None:  # a legacy run's embedding scaler lives here
+                    for key, value in scaler_to_arrays(self.scaler).items():
+                        f.create_dataset(f"scaler/{key}", data=value)
                 f.create_dataset("labels", data=self.labels)
                 f.create_dataset("class_names", data=np.array(self.class_names, dtype=object),
                                  dtype=strings)

@@ -10,6 +10,7 @@ new version).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .catalog import Catalog
 from .config import RunConfig
 from .data import get_spec
 from .errors import FashionrecError
+from .ids import check_id
 from .index import CatalogIndex
 
 LAYOUT_OPTIONS = ("label_depth", "label_column", "id_column", "image_column",
@@ -28,7 +30,8 @@ LAYOUT_OPTIONS = ("label_depth", "label_column", "id_column", "image_column",
 def read_catalog(meta, path, **options):
     """Read a folder or CSV of products with the layout options the run (record
     ``meta``) was trained with, each overridable."""
-    saved = {k: v for k, v in meta.get("dataset", {}).get("source", {}).items()
+    source = meta.get("dataset", {}).get("source")
+    saved = {k: v for k, v in (source if isinstance(source, dict) else {}).items()
              if k in LAYOUT_OPTIONS}
     if Path(path).is_dir():
         saved = {k: v for k, v in saved.items() if k == "label_depth"}
@@ -41,7 +44,9 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
     one segment (nothing else is rewritten).
 
     An item without a class gets the head's prediction; an item of a class the head
-    does not know, or whose id is already in the catalog, is skipped and reported.
+    does not know, or whose id is already in the catalog, is skipped and reported. A
+    catalog listing no product, or an invalid id (:func:`fashionrec.ids.check_id`),
+    stops us before any work.
 
     Returns:
         ``{"n_added", "added": [{"id", "class", "class_from"}], "skipped": [...]}``.
@@ -49,8 +54,14 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
     say = log or (lambda *_: None)
     index, names = state.index, state.index.class_names
     kind = state.metadata.get("dataset", {}).get("kind")
-    for item_id in catalog.ids:  # ids of the wrong kind stop us before any work
-        _check_new_id(state.metadata, index.parse_id(item_id))
+    if not len(catalog):
+        where = catalog.source.get("root") or catalog.source.get("manifest") or "given"
+        detail = ", ".join(f"{n} {k}" for k, n in Counter(
+            s["kind"] for s in catalog.skipped).items())
+        raise FashionrecError(f"the catalog {where} lists no product to add "
+                              f"({len(catalog.skipped)} skipped{': ' * bool(detail)}{detail})")
+    for item_id in catalog.ids:  # bad ids and ids of the wrong kind stop us before any work
+        _check_new_id(state.metadata, index.parse_id(check_id(item_id)))
     # a catalog run decodes each new image once, in the extractor
     clean, report = catalog.check(min_class_size=1, progress=progress,
                                   decode=kind != "catalog")

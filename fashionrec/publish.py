@@ -19,6 +19,7 @@ over every product of the living catalog it replaces:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class Loaded:
     index: CatalogIndex
     split: CatalogSplit | None = None
     report: dict | None = None  # the catalog check's, when this process trained it
+    dataset: object = None  # the Dataset, when this process trained on one
 
     @property
     def config(self):
@@ -64,7 +66,7 @@ class Loaded:
         if self.run.version_of(meta).folder.resolve() != self.version.folder.resolve():
             raise StaleVersion(f"{self.run.path} now publishes another version")
         index = IndexStore.of(self.version).load(meta.get("search") or {"backend": "exact"},
-                                                 log=log)
+                                                 log=log, reuse=self.index)
         return replace(self, metadata=meta, index=index)
 
     def stats(self):
@@ -134,30 +136,65 @@ def _legacy_scaler(index, version):
 
 
 # ---------------------------------------------------------------- publishing
+@dataclass
+class _Previous:
+    """The published version a retrain replaces: its record and catalog (its model is
+    not needed)."""
+
+    version: object
+    metadata: dict
+    store: IndexStore
+    index: CatalogIndex
+    added: list  # ids added since its model was trained, still live
+    removed: list  # ids removed since its catalog was first trained
+
+
 def publish(trained, run_dir, force=False, log=print):
     """Write ``trained`` (:class:`~fashionrec.training.Trained`) as the new published
-    version of ``run_dir``, carrying the living catalog over; returns its
-    :class:`Loaded`."""
+    version of ``run_dir``, carrying the living catalog over (see the module doc);
+    returns its :class:`Loaded`. ``force``: publish into a folder that holds no run,
+    or over a published version whose catalog cannot be read (its products are lost)."""
     say = log or (lambda *_: None)
     run = RunDir(run_dir)
     run.check_target(force)
     with run.locked():
-        previous = load_version(run.path, log=None) if run.exists() else None
+        prev = _previous(run, force, say)
         meta = trained.metadata
+        if prev is not None and prev.metadata["run_id"] == meta["run_id"]:
+            return load_version(run.path, log=None)  # this very version is published
         version = run.new_version(meta["run_id"])
-        index, seen = trained.index, None
-        if previous is not None and _compatible(previous, trained, say):
-            seen = previous.index
-            index = _carry(trained, index, seen, previous.store().removed_ids(), say)
+        carry = prev is not None and _compatible(prev, trained, say)
+        index = _carry(trained, prev, say) if carry else trained.index
         store = IndexStore.of(version)
         _write(trained, version, store, index)
-        if seen is None:
+        if not carry:
             run.publish(version, meta)
         else:
-            with previous.store(lock_wait=600.0)._locked():  # writers to the old wait
-                _catch_up(trained, store, seen, previous.store().load(), say)
+            old = IndexStore.of(prev.version, lock_wait=600.0)
+            with old._locked():  # writers to the previous version wait, then redo
+                _catch_up(trained, store, prev.index, old.load(), say)
                 run.publish(version, meta)
     return load_version(run.path, log=None)
+
+
+def _previous(run, force, say):
+    if not run.exists():
+        return None
+    try:
+        meta = run.read()
+        version = run.current(meta)
+        store = IndexStore.of(version)
+        added, removed = store.history()
+        return _Previous(version, meta, store, store.load(None), added, removed)
+    except FashionrecError as exc:
+        if not force:
+            raise FashionrecError(
+                f"the published version in {run.path} cannot be read ({exc}), so its "
+                f"products cannot be carried over; repair it, or train with --force to "
+                f"publish without them") from None
+        say(f"publish: WARNING: the published version cannot be read ({exc}); with "
+            f"--force its products are not carried over")
+        return None
 
 
 def _write(trained, version, store, index):
@@ -170,75 +207,103 @@ def _write(trained, version, store, index):
         write_json(version.split, {"run_id": run_id, **trained.split.to_dict()})
 
 
-def _compatible(previous, trained, say):
-    old, new = previous.index, trained.index
-    kind = previous.metadata.get("dataset", {}).get("kind")
-    if kind == trained.metadata["dataset"]["kind"] and (
-            not len(old) or old.id_kind == new.id_kind):
+def _compatible(prev, trained, say):
+    old, new = prev.metadata.get("dataset", {}), trained.metadata["dataset"]
+    same = old.get("kind") == new["kind"] and (
+        new["kind"] == "catalog" or old.get("name") == new["name"])
+    if same and (not len(prev.index) or prev.index.id_kind == trained.index.id_kind):
         return True
-    say(f"publish: the previous run in {previous.run.path} is another kind of catalog; "
-        f"its {len(old)} products are not carried over")
+    say(f"publish: the previous version is a catalog of another kind ({old.get('name')}); "
+        f"its {len(prev.added)} added product(s) are not carried over")
     return False
 
 
-def _carry(trained, index, old, removed, say):
-    """The new catalog: the new training's products without those ``removed`` from the
-    previous version, plus the previous version's products it does not have,
-    re-embedded by the new model."""
-    removed = set(removed)
+def _carry(trained, prev, say):
+    """The new catalog: the new training's products without those removed from the
+    previous version, plus the products added to it since its training, re-embedded
+    by the new model (an id the new training has itself keeps the trained one)."""
+    index, removed = trained.index, set(prev.removed)
     keep = np.array([i not in removed for i in index.ids.tolist()], dtype=bool)
-    extra = np.flatnonzero(~np.isin(old.ids, index.ids))
-    if keep.all() and not len(extra):
-        return index
-    parts, rows = [index], [np.flatnonzero(keep)]
-    if len(extra):
-        parts.append(reembed(trained.embedder, index.class_names, old.take(extra)))
+    extra = [prev.index.row_of(i) for i in prev.added if index.row_of(i) is None]
+    parts, rows, carried = [index], [np.flatnonzero(keep)], []
+    part = reembed(trained.embedder, index.class_names,
+                   prev.index.take(np.array(extra, dtype=np.int64)), say)
+    if part is not None:
+        parts.append(part)
         rows.append(None)
-    say(f"publish: {len(extra)} product(s) added since the last train re-embedded by the "
-        f"new model, {int((~keep).sum())} removed one(s) left out")
-    out = CatalogIndex.concat(parts, rows)
-    out.metadata = {**index.metadata, "removed_ids": sorted(removed, key=str)}
-    spec = trained.metadata["search"]
-    if spec["backend"] != "exact":  # the graph is built over the whole new catalog
-        out.backend = search.build(spec, out.vectors)
-    return out
+        carried = part.ids.tolist()
+    if len(parts) > 1 or not keep.all():
+        say(f"publish: {len(carried)} product(s) added since the last train re-embedded by "
+            f"the new model, {int((~keep).sum())} removed one(s) left out")
+        index = CatalogIndex.concat(parts, rows)
+        spec = trained.metadata["search"]
+        if spec["backend"] != "exact":  # the graph is built over the whole new catalog
+            index.backend = search.build(spec, index.vectors)
+    index.metadata = {**trained.index.metadata, "added_ids": carried,
+                      "removed_ids": sorted(removed, key=str)}
+    return index
 
 
 def _catch_up(trained, store, seen, now, say):
     """Apply to the new version's store what was written to the previous one after
-    ``seen`` was read (under the previous store's lock, so nothing more arrives)."""
-    before, after = set(seen.ids.tolist()), set(now.ids.tolist())
-    added = [now.row_of(i) for i in now.ids.tolist() if i not in before]
+    ``seen`` was read (under the previous store's lock, so nothing more arrives): adds,
+    replacements (an id removed and added again) and removals. A write answered
+    during the retrain is newer than the training's own copy of the product."""
+    fresh = _changed(seen, now)
+    gone = [i for i in seen.ids.tolist() if now.row_of(i) is None]
     current = store.load()
-    gone = [i for i in before - after if current.row_of(i) is not None]
-    if added:
-        store.add(reembed(trained.embedder, trained.index.class_names,
-                          now.take(np.array(added))))
-    if gone:
-        store.remove(gone)
-    if added or gone:
-        say(f"publish: {len(added)} add(s) and {len(gone)} removal(s) made during the "
+    stale = [i for i in [*now.ids[fresh].tolist(), *gone] if current.row_of(i) is not None]
+    if stale:
+        store.remove(stale)
+    part = reembed(trained.embedder, trained.index.class_names, now.take(fresh), say)
+    if part is not None:
+        store.add(part)
+    if len(fresh) or gone:
+        say(f"publish: {len(fresh)} add(s) and {len(gone)} removal(s) made during the "
             f"retrain applied to the new version")
 
 
-def reembed(embedder, class_names, rows):
+def _changed(seen, now, chunk=65536):
+    """Rows of ``now`` that ``seen`` does not have, or has with another vector (an id
+    removed and added again), compared a chunk at a time."""
+    where = np.array([-1 if (r := seen.row_of(i)) is None else r for i in now.ids.tolist()],
+                     dtype=np.int64)
+    changed = where < 0
+    for start in range(0, len(now), chunk):
+        rows = np.arange(start, min(start + chunk, len(now)))
+        rows = rows[where[rows] >= 0]
+        if len(rows):
+            same = (np.asarray(seen.vectors[where[rows]]) == np.asarray(now.vectors[rows])).all(1)
+            changed[rows[~same]] = True
+    return np.flatnonzero(changed)
+
+
+def reembed(embedder, class_names, rows, say=None):
     """``rows`` (a :class:`CatalogIndex` of another model's products) embedded by
     ``embedder`` from their stored images; a class the new model does not know is
-    replaced by its prediction."""
-    if rows.images is not None:
-        probs, vectors = embedder.encode_images(rows.images.astype(np.float32))
-    else:
-        missing = [i for i, p in zip(rows.ids.tolist(), rows.paths, strict=True) if not p]
-        if missing:
-            raise FashionrecError(f"product {missing[0]!r} has no image to re-embed")
-        cat = Catalog.from_files(rows.paths, ids=rows.ids.tolist())
-        cat.sha256 = [""] * len(cat)
-        views, failed = embedder.catalog_features(cat, progress=False)
-        if failed:
-            row, why = next(iter(failed.items()))
-            raise FashionrecError(f"cannot carry product {rows.ids[row]!r} over to the new "
-                                  f"model: {why}; restore its image or remove the product")
+    replaced by its prediction. A product whose image is gone cannot be embedded: it
+    is left out, and said so. ``None`` when no product is left."""
+    if not len(rows):
+        return None
+    if rows.images is None:
+        ok = [r for r, p in enumerate(rows.paths) if p and Path(p).is_file()]
+        views, failed = [], {}
+        if ok:
+            cat = Catalog.from_files([rows.paths[r] for r in ok], ids=rows.ids[ok].tolist())
+            cat.sha256 = [""] * len(cat)
+            views, failed = embedder.catalog_features(cat, progress=False)
+        good = [ok[r] for r in range(len(ok)) if r not in failed]
+        lost = sorted(set(range(len(rows))) - set(good))
+        if lost and say:
+            say(f"publish: WARNING: {len(lost)} product(s) could not be carried over, their "
+                f"image is gone or unreadable: {', '.join(map(str, rows.ids[lost][:5]))}")
+        views = [v[[r for r in range(len(ok)) if r not in failed]] for v in views]
+        rows = rows.take(np.array(good, dtype=np.int64))
+        if not len(rows):
+            return None
         probs, vectors = embedder.encode_features(views)
+    else:
+        probs, vectors = embedder.encode_images(rows.images.astype(np.float32))
     old_names = [rows.class_names[label] for label in rows.labels]
     labels = [class_names.index(n) if n in class_names else int(p.argmax())
               for n, p in zip(old_names, probs, strict=True)]

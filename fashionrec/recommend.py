@@ -94,8 +94,10 @@ class Recommender:
         self._check_fitted()
         trained = self._state
         self._state = publish(trained, run_dir, force, log)
-        # keep the backbone already built, and the report of the catalog's check
-        self._state.embedder, self._state.report = trained.embedder, trained.report
+        # keep the backbone already built, the catalog check's report, the dataset
+        state = self._state
+        state.embedder, state.report, state.dataset = (trained.embedder, trained.report,
+                                                       trained.dataset)
         return Path(run_dir)
 
     @classmethod
@@ -193,8 +195,9 @@ class Recommender:
         if self.is_catalog:
             raise FashionrecError("this run indexes a product catalog, which has no test "
                                   "split; query by item id or by image")
-        if getattr(self, "_dataset", None) is None:
-            self._dataset = _test_split(self.config, self.index_)
+        if getattr(self, "_dataset", None) is None:  # fit() keeps the one it trained on
+            self._dataset = (getattr(self._state, "dataset", None)
+                             or _test_split(self.config, self.index_))
         return self._dataset.x_test, self._dataset.y_test
 
     def query_image(self, query):
@@ -210,8 +213,8 @@ class Recommender:
     def item(self, item_id):
         """The catalog item ``item_id`` (an :class:`~fashionrec.results.Item`, rank 0)."""
         index = self.index_
-        info, row = queries.item_query(index, self.class_names, item_id)
-        return queries.item_at(index, self.class_names, 0, row, 0.0)
+        row = queries.item_query(index, index.class_names, item_id)[1]
+        return queries.item_at(index, index.class_names, 0, row, 0.0)
 
     def browse(self, offset=0, limit=24, class_name=None, category=None):
         """``(total, items)``: the catalog's items (of a class, in a category) from
@@ -245,8 +248,8 @@ class Recommender:
                 raise result
             return result
         index = self.index_  # one snapshot for the whole query
-        info, row = queries.item_query(index, self.class_names, item)
-        return queries.nearest(index, self.class_names, info, index.vectors[row:row + 1],
+        info, row = queries.item_query(index, index.class_names, item)
+        return queries.nearest(index, index.class_names, info, index.vectors[row:row + 1],
                                info["true_label"], row,
                                self.item_image(item, index) if with_image else None, k,
                                same_class, category)

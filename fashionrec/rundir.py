@@ -38,6 +38,8 @@ from .errors import FashionrecError
 RUN_FILE = "run.json"
 VERSIONS = "versions"
 SHARED = ("features", "plots", "uploads")  # a run folder's parts that outlive versions
+# what a first training killed before it published leaves (still a run folder)
+UNPUBLISHED = (VERSIONS, ".run.lock")
 
 
 class StaleVersion(FashionrecError):
@@ -166,7 +168,8 @@ class RunDir:
             return
         if not self.path.is_dir():
             raise FashionrecError(f"{self.path} is a file, not a run folder")
-        other = sorted(p.name for p in self.path.iterdir() if p.name not in SHARED)
+        other = sorted(p.name for p in self.path.iterdir()
+                       if p.name not in SHARED + UNPUBLISHED)
         if other:
             raise FashionrecError(
                 f"{self.path} is not empty and holds no fashionrec run ({', '.join(other[:3])}"
@@ -182,7 +185,9 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self, wait=600.0):
-        """The run's own lock (``flock``), held while ``run.json`` is replaced."""
+        """The run's own lock (``flock``): one publisher at a time (held while a
+        retrain carries the catalog over, writes its version and replaces ``run.json``;
+        ``fashionrec index`` waits for it)."""
         with flocked(self.path / ".run.lock", wait,
                      f"{self.path} is being published by another process"):
             yield

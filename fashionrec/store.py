@@ -81,8 +81,8 @@ class CatalogStore(abc.ABC):
 class IndexStore(CatalogStore):
     """A catalog index on disk that grows and shrinks without being rewritten.
 
-    ``path`` is the base index file (``RUN_DIR/index.h5``, written at training or by
-    :meth:`compact`). :meth:`add` writes the new items as one segment file under
+    ``path`` is the base index file (a model version's ``index.h5``, written at
+    training or by :meth:`compact`; :meth:`of` takes a version's files). :meth:`add` writes the new items as one segment file under
     ``index.d/`` and then appends ``{"op": "add"}`` to ``index.manifest.json``;
     :meth:`remove` appends ``{"op": "remove", "ids": [...]}``; :meth:`compact` folds
     them into a new base. :meth:`load` replays the operations over the base and
@@ -90,7 +90,7 @@ class IndexStore(CatalogStore):
     exact search for the items added since).
 
     Example:
-        >>> store = IndexStore("runs/demo/index.h5")              # doctest: +SKIP
+        >>> store = IndexStore.of(RunDir("runs/demo").current())  # doctest: +SKIP
         >>> store.remove(["Shoes/Boots/A/12.jpg"])                # doctest: +SKIP
         >>> store.compact()                                       # doctest: +SKIP
         >>> len(store.load())                                     # doctest: +SKIP
@@ -205,19 +205,21 @@ class IndexStore(CatalogStore):
             f"{self._file(m.get('base', self.path.name))}; deleting it (and "
             f"{self.segment_dir}) returns the index to its trained state")
 
-    def load(self, search=None, log=None, progress=False):
+    def load(self, search=None, log=None, progress=False, reuse=None):
         """The live index: the base, plus added segments, minus removed items.
 
         Args:
             search: the run's search spec (:func:`fashionrec.search.resolve`); with
                 ``{"backend": "hnsw", ...}`` the base is searched through its saved
-                graph, rebuilt (and saved, when this process may) if it is missing,
-                stale or damaged, and the items added since are searched exactly.
-            log: where a rebuild is announced.
+                graph (built in memory, not saved, if it is missing, stale or damaged),
+                and the items added since are searched exactly.
+            log: where a graph built in memory is announced.
+            reuse: an earlier snapshot of this store: its graph is used again when the
+                base and the parameters are the same (a reload after an add).
         """
-        return self._consistent(lambda m: self._load(m, search, log, progress))
+        return self._consistent(lambda m: self._load(m, search, log, progress, reuse))
 
-    def _load(self, m, search, log, progress):
+    def _load(self, m, search, log, progress, reuse=None):
         def read(path):
             index = CatalogIndex.load(path)
             return index.ids, index.metadata, index.base_id, index
@@ -236,7 +238,8 @@ class IndexStore(CatalogStore):
                           "n_updates": len(m["ops"])}
         index.base_id = base.base_id
         if search and search.get("backend") == "hnsw":
-            ann = self._graph(m, base, search, log, progress)
+            ann = _graph_of(reuse, base.base_id, search) or self._graph(m, base, search, log,
+                                                                       progress)
             if base_rows is None:
                 index.backend = ann
             else:
@@ -335,6 +338,8 @@ class IndexStore(CatalogStore):
     def _locked(self):
         """The store's lock; a write then checks its model version is still the
         published one (``guard``), so no write lands in a retired version."""
+        if self.guard is not None:  # before the lock file is made: a retired version's
+            self.guard()  # folder may be gone
         with flocked(self.lock_path, self.lock_wait,
                      f"{self.path} is being updated by another process"):
             if self.guard is not None:
@@ -405,15 +410,20 @@ class IndexStore(CatalogStore):
                                     "at": now_iso()}]
             return self._publish(m)
 
-    def removed_ids(self, m=None):
-        """Ids removed since the catalog was first trained (kept through compactions
-        and retrains, so a retrain does not bring a removed product back)."""
+    def history(self, m=None):
+        """``(added, removed)``: ids added since the model was trained and still live,
+        and ids removed since it was first trained (both kept through compactions and
+        retrains: a retrain carries the added ones over and does not bring a removed
+        one back)."""
         live, (base_ids, base_meta, _, _) = self.live_ids(m)
         m = self.manifest() if m is None else m
-        gone = set(base_meta.get("removed_ids", [])) | set(base_ids.tolist())
+        added, gone = set(base_meta.get("added_ids", [])), set(base_meta.get("removed_ids", []))
+        gone |= set(base_ids.tolist())
         for op in m["ops"]:
+            if op["op"] == "add":
+                added.update(CatalogIndex.read_header(self._file(op["file"]))[0].tolist())
             gone.update(op.get("ids", []))
-        return sorted(gone - live, key=str)
+        return sorted(added & live, key=str), sorted(gone - live, key=str)
 
     def _base_id(self, m):
         return CatalogIndex.read_header(self._file(m.get("base", self.path.name)))[4]
@@ -441,11 +451,11 @@ class IndexStore(CatalogStore):
                 self._clean_orphans(m)
                 say("compact: nothing to fold (no updates since the index was written)")
                 return m
-            removed = self.removed_ids(m)
+            added, removed = self.history(m)
             index = self._load(m, None, None, progress)
             meta = {k: v for k, v in index.metadata.items()
                     if k not in ("generation", "n_updates")}
-            meta["removed_ids"] = removed
+            meta.update(added_ids=added, removed_ids=removed)
             index.metadata = {**meta, "compacted": now_iso()}
             base_id = uuid.uuid4().hex
             new = self.segment_dir / f"base-{m['generation'] + 1:06d}-{base_id[:8]}.h5"
@@ -467,7 +477,7 @@ class IndexStore(CatalogStore):
             return final
 
     def _reset(self):
-        """Forget every update (a new base is being written by training)."""
+        """Forget every update (a new base is being written)."""
         self.manifest_path.unlink(missing_ok=True)
         if self.segment_dir.is_dir():
             for f in self.segment_dir.iterdir():
@@ -475,10 +485,17 @@ class IndexStore(CatalogStore):
             with contextlib.suppress(OSError):
                 self.segment_dir.rmdir()
 
-    def reset(self):
-        """Forget every update (used when a new base is written by training)."""
-        with self._locked():
-            self._reset()
+
+def _graph_of(snapshot, base_id, search):
+    """The HNSW graph of an earlier snapshot, if it covers base ``base_id`` with the
+    parameters of ``search``."""
+    if snapshot is None or snapshot.base_id != base_id:
+        return None
+    ann = getattr(snapshot.backend, "ann", snapshot.backend)
+    if ann.name != "hnsw" or ann.params() != {"backend": "hnsw",
+                                               **backends.graph_params(search)}:
+        return None
+    return ann
 
 
 def _replace_by_link(src, dst):

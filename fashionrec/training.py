@@ -40,7 +40,7 @@ class Trained:
     report: dict | None = None
     split: CatalogSplit | None = None
     timings: dict = field(default_factory=dict)
-
+    dataset: object = None  # the Dataset a Fashion-MNIST run was trained on
     @property
     def config(self):
         """The settings, derived from the record (their one copy)."""
@@ -111,6 +111,7 @@ def train_dataset(config, dataset=None, cache_dir=None, progress=True, say=print
                            class_names=dataset.class_names, images=x_cat),
                       timings, t0, t, progress, say)
     say(f"head test accuracy on the {cfg.n_reco} catalog images: {accuracy:.4f}")
+    trained.dataset = dataset
     return trained
 
 
@@ -126,6 +127,7 @@ def extract_catalog(config, catalog, min_class_size=5, cache_dir=None, progress=
         raise FashionrecError("every catalog item needs a class to train on")
     # headers only: each image is decoded once, by the extractor's background workers
     listed, report = catalog.check(min_class_size, progress, decode=False)
+    _check_usable(catalog, report, say)  # an empty catalog stops before extraction
     cfg = RunConfig.from_dict({**config.resolved(catalog=True).to_dict(),
                                "dataset": "catalog", "data_dir": None})
     timings["setup_s"] = time.perf_counter() - t0
@@ -140,6 +142,22 @@ def extract_catalog(config, catalog, min_class_size=5, cache_dir=None, progress=
                                            progress, runner=runner)
     timings["extract_s"] = time.perf_counter() - t
     return cfg, listed, report, views, failed, shell
+
+
+def _check_usable(catalog, report, say):
+    """A catalog with no usable product, or fewer than 2 classes, stops here with one
+    line (its report is said first)."""
+    n_classes = len(report["class_counts"])
+    if report["n_ok"] and n_classes >= 2:
+        return
+    say(format_report(report, max_listed=5))
+    source = catalog.source or {}
+    where = source.get("root") or source.get("manifest") or "given"
+    if not report["n_ok"]:
+        raise FashionrecError(f"the catalog {where} has no usable product (see the report: "
+                              f"{report['n_skipped']} skipped)")
+    raise FashionrecError(f"the catalog {where} has {n_classes} usable class(es); 2 classes "
+                          f"needed (see the report: {report['n_skipped']} skipped)")
 
 
 def extract_only(config, catalog, min_class_size, cache_dir, progress, say, runner):

@@ -111,7 +111,8 @@ def _rows_of(features, subset):
 
 
 def _stamps(folder):
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    """The feature cache's files and their times (not its lock files)."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +349,8 @@ def test_several_fits_are_views_cached_once_each(split_run, refit):
     assert rec.config.image_fit == "pad+crop" and rec.config.views() == [
         ("pad", False), ("pad", True), ("crop", False), ("crop", True)]
     assert len(split_run.calls[0]["X"]) == 4 * len(split_run.ids["train"])
-    names = sorted(p.name.rsplit("-", 1)[0] for p in (split_run.run_dir / "features").iterdir())
+    names = sorted(p.name.rsplit("-", 1)[0]
+                   for p in (split_run.run_dir / "features").glob("*.h5"))  # not the locks
     assert names == ["catalog", "catalog-crop", "catalog-crop-mirror", "catalog-pad-mirror"]
     assert len(refit.stamps_before) == 4 and refit.stamps_after == refit.stamps_before
     with pytest.raises(FashionrecError, match="image_fit must be one or more of"):

@@ -491,3 +491,93 @@ def test_adds_at_each_moment_of_a_publish_are_never_lost(fm, tmp_path, monkeypat
     # the default Recommender.lock_wait (30 s) while the publish holds the lock
     assert results[10062] == "ok", results[10062]
     assert fresh.index_.row_of(10062) is not None
+
+
+# ---------------------------------------------------------------- review findings
+def test_saving_the_published_version_again_changes_nothing(fm, tmp_path):
+    run = copy_run(fm.run, tmp_path / "run")
+    rec = load(run, like=fm.rec)
+    before = (RunDir(run).run_id(), versions(run))
+    rec.save(run, log=None)  # the very version that is published: nothing to do
+    Recommender.load(run).save(run, log=None)
+    assert (RunDir(run).run_id(), versions(run)) == before
+    assert len(load(run, like=fm.rec).index_) == 24
+
+
+def test_a_first_save_killed_before_it_published_does_not_block_training(fm, tmp_path,
+                                                                        monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(publish_module, "_write", _raise)
+    with pytest.raises(RuntimeError):
+        Recommender(fm.cfg).fit(progress=False, log=None).save(run, log=None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock", "versions"]
+    Recommender(fm.cfg).fit(progress=False, log=None).save(run, log=None)
+    assert len(load(run, like=fm.rec).index_) == 24 and len(versions(run)) == 1
+
+
+def _raise(*_):
+    raise RuntimeError("killed")
+
+
+def test_a_retrain_carries_only_added_products_not_the_old_training_set(fm, tmp_path):
+    """A retrain on fewer test images keeps the products added since, not the test
+    images the previous model was trained on that the new one no longer indexes; the
+    run then still evaluates (a catalog of the first N test images plus products)."""
+    run = copy_run(fm.run, tmp_path / "run")
+    load(run, like=fm.rec).add(Catalog.from_files([fm.pngs[10030]], ids=[10030]),
+                               progress=False, log=None)
+    Recommender(fm.cfg, n_reco=20).fit(cache_dir=run / "features", progress=False,
+                                       log=None).save(run, log=None)
+    fresh = load(run, like=fm.rec)
+    assert sorted(fresh.index_.ids.tolist()) == [*range(20), 10030]
+
+
+def test_writes_during_a_retrain_replace_the_trained_copy(shop, tmp_path, monkeypatch):
+    """During a retrain: a product added through the API that the new training indexed
+    too, and a product removed and added again with a new picture: the answered writes
+    are newer, so the published version has their pictures."""
+    run = copy_run(shop.run, tmp_path / "run")
+    writer = load(run, like=shop.rec)
+    same = sorted(writer.index_.ids.tolist())[0]
+    picture = shop_image(tmp_path, "replacement.png", "Shoes/Boots", seed=99)
+    real_write = publish_module._write
+
+    def write(*args):
+        real_write(*args)  # the previous catalog was read; now the writes arrive
+        writer.remove([same], log=None)
+        writer.add(Catalog.from_files([picture], ids=[same]), progress=False, log=None)
+
+    new = fit_shop(shop.root, run, seed=5)
+    monkeypatch.setattr(publish_module, "_write", write)
+    new.save(run, log=None)
+    monkeypatch.undo()
+    fresh = load(run, like=new)
+    assert fresh.run_id_ == new.run_id_
+    assert fresh.index_.paths[fresh.index_.row_of(same)] == str(picture.resolve())
+    assert_found_first(fresh, picture, same)
+
+
+def test_a_carried_product_whose_image_is_gone_is_reported_not_fatal(shop, tmp_path):
+    run = copy_run(shop.run, tmp_path / "run")
+    rec = load(run, like=shop.rec)
+    kept, lost = (shop_image(tmp_path, f"{n}.png", "Shoes/Boots", seed=s)
+                  for n, s in (("kept", 1), ("lost", 2)))
+    rec.add(Catalog.from_files([kept, lost], ids=["kept", "lost"]), progress=False, log=None)
+    lost.unlink()
+    said = []
+    new = fit_shop(shop.root, run, seed=3)
+    new.save(run, log=said.append)
+    fresh = load(run, like=new)
+    assert fresh.index_.row_of("kept") is not None and fresh.index_.row_of("lost") is None
+    assert any("could not be carried over" in m and "lost" in m for m in said), said
+
+
+def test_compacting_a_legacy_run_keeps_it_loading(fm, tmp_path):
+    run = copy_run(fm.run, tmp_path / "run")
+    _to_legacy(run)
+    rec = Recommender.load(run, log=None)
+    rec.add(Catalog.from_files([fm.pngs[10031]], ids=[10031]), progress=False, log=None)
+    rec.compact(progress=False, log=None)
+    again = Recommender.load(run, log=None)
+    assert again.index_.row_of(10031) is not None and again.index_.scaler is not None

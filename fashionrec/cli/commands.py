@@ -197,6 +197,8 @@ def cmd_recommend(args):
 def cmd_add(args):
     if args.id is not None and (args.image is None or len(args.image) != 1):
         raise FashionrecError("--id names a single --image")
+    if args.allow_outside and args.catalog is None:
+        raise FashionrecError("--allow-outside applies to a --catalog CSV")
     rec = Recommender.load(args.run_dir)
     if args.catalog is not None:
         if args.label is not None:
@@ -282,6 +284,8 @@ def cmd_serve(args):
     except ImportError as exc:
         raise FashionrecError(f"serve needs its extra: pip install 'fashionrec[serve]' "
                               f"({exc.name} is missing)") from None
+    from ..images import MAX_PIXELS
+
     key = os.environ.get("FASHIONREC_API_KEY") or None
     if args.api_key_file:
         key = Path(args.api_key_file).read_text().strip()
@@ -289,10 +293,16 @@ def cmd_serve(args):
             raise FashionrecError(f"API key file {args.api_key_file} is empty")
     if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
         raise FashionrecError("--max-upload-mb must be > 0 and --max-wait-ms >= 0")
+    if not args.photo_timeout_s > 0 or not 0 < args.max_megapixels <= MAX_PIXELS / 1e6:
+        raise FashionrecError(f"--photo-timeout-s must be > 0 and --max-megapixels in "
+                              f"(0, {MAX_PIXELS / 1e6:g}] (the library's budget)")
     settings = ServeSettings(run_dir=args.run_dir, api_key=key,
                              cors_origins=tuple(args.cors_origin),
                              max_upload_bytes=int(args.max_upload_mb * 2**20),
-                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, photo_timeout_s=args.photo_timeout_s,
+                             max_pixels=int(args.max_megapixels * 1e6),
+                             max_connections=args.max_connections)
     run(settings, host=args.host, port=args.port, workers=args.workers,
         log=lambda message: print(message, flush=True))
     print("fashionrec serve: stopped", flush=True)

@@ -25,10 +25,11 @@ DEFAULT_RUN_DIR = "runs/default"
 SEARCH_NAMES = ("search", "hnsw_min_items", "hnsw_m", "hnsw_ef_construction",
                 "hnsw_ef_search")
 CATALOG_LAYOUT = ("label_depth", "label_column", "id_column", "image_column",
-                  "image_pattern", "category_columns")
+                  "image_pattern", "category_columns", "allow_outside")
 CATALOG_OPTIONS = {"label_depth": 1, "label_column": "label", "id_column": "id",
                    "image_column": None, "image_pattern": "images/{id}.jpg",
-                   "category_columns": None, "min_class_size": 5, "holdout": None,
+                   "category_columns": None, "allow_outside": False,
+                   "min_class_size": 5, "holdout": None,
                    "image_fit": None, "flip": None, "train_on": "train"}
 _FIELDS = RunConfig.__dataclass_fields__
 _RUN = RunDir("RUN_DIR")  # the run folder's paths as help texts name them
@@ -251,13 +252,25 @@ def _serve(sub):
     sv.add_argument("--workers", type=_positive, default=1,
                     help="processes serving the port, each with its own model "
                          "(default: %(default)s)")
-    sv.add_argument("--max-upload-mb", type=float, default=10.0,
-                    help="largest upload in MB (default: %(default)s)")
-    sv.add_argument("--max-batch", type=_positive, default=16,
-                    help="photo queries answered by one backbone call (default: %(default)s)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
-                    help="longest a photo query waits for others to join its batch "
-                         "(default: %(default)s)")
+    for flag, kind, default, text in _SERVE_LIMITS:
+        sv.add_argument(flag, type=kind, default=default,
+                        help=f"{text} (default: %(default)s)")
+
+
+# the service's limits: option, type, default, what it bounds
+_SERVE_LIMITS = (
+    ("--max-upload-mb", float, 10.0, "largest upload in MB"),
+    ("--max-batch", _positive, 16, "photo queries answered by one backbone call"),
+    ("--max-wait-ms", float, 5.0, "longest a photo query waits for others to join its batch"),
+    ("--max-queue", _positive, 64, "photo queries waiting for a batch; beyond, 503 with "
+                                   "Retry-After"),
+    ("--photo-timeout-s", float, 30.0, "longest a photo query waits for its answer; then 504"),
+    ("--max-megapixels", float, 40.0, "largest uploaded photo in megapixels, read from its "
+                                      "header; above, 413 (at most 40)"),
+    ("--max-connections", _int_at_least(2), 256, "open connections per worker process from "
+                                                 "which new requests get 503 (uvicorn's "
+                                                 "limit_concurrency)"),
+)
 
 
 def _plot(sub):
@@ -385,3 +398,7 @@ def _catalog_options(group, defaults=True):
     group.add_argument("--category-columns", default=None,
                        help="CSV: comma-separated columns joined into the category path "
                             "(default: the label column)")
+    group.add_argument("--allow-outside", action="store_true",
+                       help="let a CSV catalog name images outside its folder (absolute "
+                            "paths, .., symlinks leading out; the service shows every "
+                            "catalog image)")

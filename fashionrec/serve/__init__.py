@@ -15,7 +15,8 @@ from __future__ import annotations
 from .app import ServeSettings, create_app
 from .state import RunWatcher
 
-__all__ = ["RunWatcher", "ServeSettings", "app_from_env", "create_app", "run"]
+__all__ = ["RunWatcher", "ServeSettings", "app_from_env", "create_app", "run",
+           "uvicorn_options"]
 
 
 def _one_thread_per_request():
@@ -45,6 +46,14 @@ def app_from_env():
 _SETTINGS_VAR = "FASHIONREC_SERVE_SETTINGS"
 
 
+def uvicorn_options(settings, host="127.0.0.1", port=8000):
+    """The keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` for ``settings``:
+    from ``settings.max_connections`` open connections (or requests in flight) on, a
+    process answers new requests 503 itself."""
+    return dict(host=host, port=port, log_level="warning", access_log=False,
+                limit_concurrency=settings.max_connections)
+
+
 def run(settings, host="127.0.0.1", port=8000, workers=1, log=print):
     """Load the run, then serve it until interrupted (uvicorn handles SIGINT/SIGTERM:
     it stops taking requests, finishes those in flight and returns).
@@ -64,7 +73,7 @@ def run(settings, host="127.0.0.1", port=8000, workers=1, log=print):
     log(f"fashionrec serve: http://{host}:{port}/  (run {settings.run_dir}: "
         f"{watcher.rec.stats()['items']} items; {workers} worker(s); API docs at /docs; "
         f"writes {writes})")
-    config = dict(host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn_options(settings, host, port)
     if workers > 1:
         del watcher  # checked that it loads; each worker loads its own
         os.environ[_SETTINGS_VAR] = json.dumps(dataclasses.asdict(settings))

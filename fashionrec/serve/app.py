@@ -4,8 +4,9 @@ Every route calls the library's public API (:class:`~fashionrec.recommend.Recomm
 through a :class:`~fashionrec.serve.state.RunWatcher`) and only turns HTTP into calls
 and answers into JSON; the routes live in :mod:`fashionrec.serve.routers`. This module
 composes the app: settings, middlewares, error handlers, the routers and the page.
-Errors are ``{"error": "one sentence"}`` with a 4xx status; an unexpected failure is
-logged with a request id and answered 500 with that id only.
+Errors are ``{"error": "one sentence"}`` with a 4xx status (503 / 504 for a photo
+query the service is too busy or too slow for); an unexpected failure is logged with a
+request id and answered 500 with that id only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, images
 from .batcher import MicroBatcher
 from .context import ApiError, Context, json_error, n_items
 from .routers import ROUTERS
@@ -45,11 +46,18 @@ class ServeSettings:
         api_key: writes (add, remove) need ``Authorization: Bearer <api_key>``; without
             one, writes are off.
         cors_origins: origins allowed to call the API from a browser (none: no CORS).
-        max_upload_bytes: largest request body (413 above).
+        max_upload_bytes: largest request body (413 above, chunked bodies too).
         max_batch, max_wait_ms: photo queries answered together (see
             :class:`~fashionrec.serve.batcher.MicroBatcher`).
         max_k: largest ``k`` a query may ask for.
         check_interval: seconds between looks for changes to the run on disk.
+        max_queue: photo queries waiting for a batch; beyond, 503 with ``Retry-After``.
+        photo_timeout_s: longest a photo query waits for its answer (504 after).
+        max_pixels: width x height of an uploaded photo, read from its header (413
+            above); the library's own budget (:data:`fashionrec.images.MAX_PIXELS`)
+            still applies to decoding, so more than that has no effect.
+        max_connections: uvicorn's ``limit_concurrency``: from this many open
+            connections or requests in flight, new requests get 503.
     """
 
     run_dir: str
@@ -60,6 +68,10 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_k: int = 100
     check_interval: float = 0.5
+    max_queue: int = 64
+    photo_timeout_s: float = 30.0
+    max_pixels: int = 40_000_000
+    max_connections: int = 256
 
 
 class _Metrics:
@@ -79,7 +91,9 @@ class _Metrics:
 
 class BodyLimit:
     """ASGI middleware: a request whose body exceeds ``limit`` bytes gets 413, told by
-    its Content-Length or counted while the body streams in."""
+    its Content-Length or counted while the body streams in (chunked uploads). Once a
+    streamed body is over the limit, the 413 is the answer whatever the app makes of
+    the interrupted body (a form parser would call it a 400)."""
 
     def __init__(self, app, limit):
         self.app, self.limit = app, limit
@@ -91,16 +105,31 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             return await json_error(413, message)(scope, receive, send)
-        seen = 0
+        seen, over, started = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             event = await receive()
             seen += len(event.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise ApiError(413, message)
             return event
-        return await self.app(scope, counted, send)
+
+        async def unless_over(event):
+            nonlocal started
+            if over and not started:  # the app's answer to a cut body: replaced below
+                return
+            started = started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self.app(scope, counted, unless_over)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await json_error(413, message)(scope, receive, send)
 
 
 class RequestContext:
@@ -130,8 +159,8 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:  # noqa: BLE001 - logged in full, answered with an id only
-            if isinstance(exc, ApiError):  # raised while the body streamed in (413)
-                response = json_error(exc.status, exc.message)
+            if isinstance(exc, ApiError):
+                response = json_error(exc.status, exc.message, exc.headers)
             else:
                 logger.error("request %s %s %s failed", rid, scope.get("method"),
                              scope.get("path"), exc_info=exc)
@@ -151,7 +180,7 @@ def add_error_handlers(app):
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc):
-        return json_error(exc.status, exc.message)
+        return json_error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -182,10 +211,13 @@ def create_app(settings, watcher=None, log=None):
     """
     say = log or (lambda message: logger.info(message))
     watcher = watcher or RunWatcher(settings.run_dir, settings.check_interval, log=say)
+    if settings.max_pixels > images.MAX_PIXELS:
+        say(f"serve: photos above the library's budget of {images.MAX_PIXELS:,} pixels "
+            f"are refused whatever max_pixels says")
     metrics = _Metrics()
     batcher = MicroBatcher(lambda requests: watcher.current().recommend_batch(requests),
                            settings.max_batch, settings.max_wait_ms / 1e3,
-                           on_batch=metrics.batch.observe)
+                           on_batch=metrics.batch.observe, max_queue=settings.max_queue)
 
     def warm():
         try:
@@ -196,7 +228,9 @@ def create_app(settings, watcher=None, log=None):
 
     async def lifespan(app):
         threading.Thread(target=warm, name="fashionrec-warm", daemon=True).start()
+        watcher.watch()
         yield
+        watcher.stop()
         batcher.close()
 
     app = FastAPI(title="fashionrec", version=__version__, lifespan=lifespan,

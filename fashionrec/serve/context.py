@@ -22,16 +22,16 @@ from .uploads import Uploads
 
 
 class ApiError(Exception):
-    """A 4xx answer with one sentence."""
+    """A 4xx (or 503 / 504) answer with one sentence, and optional response headers."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
-def json_error(status, message, **extra):
-    """``{"error": message, **extra}`` with ``status``."""
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def json_error(status, message, headers=None, **extra):
+    """``{"error": message, **extra}`` with ``status`` (and ``headers``)."""
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -53,11 +53,12 @@ class Context:
     def __post_init__(self):
         self.uploads = Uploads(self.watcher.run_dir)
 
-    def rec(self):
-        """The recommender to answer with; 503 while the model is loading."""
+    def rec(self, reload=True):
+        """The recommender to answer with; 503 while the model is loading. Async routes
+        pass ``reload=False`` (no model is ever loaded on the event loop)."""
         if not self.watcher.ready:
             raise ApiError(503, "the service is starting: the model is loading")
-        current = self.watcher.current()
+        current = self.watcher.current(reload)
         self.metrics.items.set(len(current.index_))
         return current
 
@@ -80,17 +81,21 @@ class Context:
         return None if category is None or not category.strip() else category.strip()
 
     def write(self, write, status):
-        """``write()`` under the service's write lock, then the files noted as ours. A
+        """``write(rec)`` with the served recommender, under the service's write lock
+        (taken first: the recommender is the one served when the write runs), then the
+        files noted as ours; returns ``(its answer, rec)``. A
         :class:`~fashionrec.errors.FashionrecError` is answered 409 when the catalog is
         being updated or the model version changed meanwhile, else ``status``."""
         with self.watcher.write_lock:
+            rec = self.watcher.rec
+            run_id = rec.run_id_
             try:
-                out = write()
+                out = write(rec)
             except FashionrecError as exc:
                 conflict = isinstance(exc, StaleVersion) or "being updated" in str(exc)
                 raise ApiError(409 if conflict else status, str(exc)) from None
-            self.watcher.after_write()
-        return out
+            self.watcher.after_write(rec, run_id)
+        return out, rec
 
 
 async def _context(request: Request):

@@ -16,6 +16,7 @@ Writes made through the service (add, remove) and reloads are serialised by one 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -65,10 +66,30 @@ class RunWatcher:
                      f"queries are served")
         self.ready = True
 
-    def current(self):
-        """The recommender to answer with (reloaded first if its files changed)."""
+    def watch(self):
+        """Look for changes in a background thread as well (every ``check_interval``
+        seconds, at least 0.1 s), so the async routes, which never reload on the
+        event loop, see them too; :meth:`stop` ends it."""
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(max(self.check_interval, 0.1)):
+                try:
+                    self.current()
+                except Exception:  # noqa: BLE001 - logged; the next look tries again
+                    logging.getLogger("fashionrec.serve").exception("reload failed")
+        threading.Thread(target=loop, name="fashionrec-watch", daemon=True).start()
+
+    def stop(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+
+    def current(self, reload=True):
+        """The recommender to answer with; with ``reload``, reloaded first if its files
+        changed (the async routes pass ``False``: a reload, which can load a model,
+        never runs on the event loop; the watching thread does it)."""
         now = time.monotonic()
-        if now - self._last_check >= self.check_interval:
+        if reload and now - self._last_check >= self.check_interval:
             self._last_check = now
             stamps = self._read_stamps()
             # reloads and writes exclude each other: a reload can never put back an
@@ -89,6 +110,8 @@ class RunWatcher:
                 photo_error = warm_up(new)
                 self.rec, self.photo_error = new, photo_error
                 self.log(f"serve: switched to run {new.run_id_} ({new.stats()['items']} items)")
+                if photo_error:  # the full reason for the operator; clients get none
+                    self.log(f"serve: photo queries are unavailable ({photo_error})")
             else:
                 stats = rec.refresh(log=self.log).stats()
                 self.log(f"serve: index generation {stats['index']['generation']} "
@@ -98,15 +121,22 @@ class RunWatcher:
             return
         self._stamps = stamps
 
-    def after_write(self):
-        """Note the files as they are after a write this service made itself."""
+    def after_write(self, rec, run_id):
+        """Note the files as they are after a write this service made itself through
+        ``rec`` (held under ``write_lock``); ``run_id`` is the version ``rec`` had
+        before. A write that met a retrain was redone on the new version, which ``rec``
+        now holds: it is warmed and announced as a reload would."""
+        if rec.run_id_ != run_id:
+            self.photo_error = warm_up(rec)
+            self.log(f"serve: switched to run {rec.run_id_} (a write met the retrain)")
         self._stamps = self._read_stamps()
 
 
 def warm_up(rec):
     """One item query and one photo query through every stage (this builds the
     backbone and compiles what Keras compiles lazily). Returns why photo queries fail
-    (e.g. the backbone file is gone), or ``None``."""
+    (e.g. the backbone file is gone: the reason may name server paths, so it is for the
+    log only), or ``None``."""
     total, first = rec.browse(0, 1)
     if total > 1:
         rec.recommend(item=first[0].id, k=1)

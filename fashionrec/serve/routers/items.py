@@ -78,9 +78,8 @@ def item(ctx: Ctx, item_id: str):
 @router.delete("/api/items/{item_id:path}", summary="Remove an item (needs the API key)")
 def delete_item(ctx: Ctx, item_id: str, request: Request):
     ctx.check_write(request)
-    rec = ctx.rec()
-    gone = _item(rec, item_id)
-    ctx.write(lambda: rec.remove([item_id], log=None), status=404)
+    gone = _item(ctx.rec(), item_id)
+    _, rec = ctx.write(lambda rec: rec.remove([item_id], log=None), status=404)
     ctx.uploads.delete_picture(gone.path)  # a picture this service stored for the product
     return {"removed": gone.id, "items": n_items(rec)}
 
@@ -96,7 +95,7 @@ _ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
                                    "(needs the API key)", openapi_extra=_ADD_BODY)
 async def add_items(ctx: Ctx, request: Request):
     ctx.check_write(request)  # before a byte of the body is read
-    rec = ctx.rec()
+    ctx.rec(reload=False)  # 503 while starting
     async with request.form() as form:
         images, ids, labels = _add_form(form)
         batch = ctx.uploads.batch()
@@ -104,8 +103,8 @@ async def add_items(ctx: Ctx, request: Request):
             for upload in images:
                 await batch.save(upload)
             catalog = _catalog(batch, ids, labels)
-            report = await asyncio.get_running_loop().run_in_executor(
-                None, ctx.write, lambda: rec.add(catalog, progress=False, log=None), 422)
+            report, rec = await asyncio.get_running_loop().run_in_executor(
+                None, ctx.write, lambda rec: rec.add(catalog, progress=False, log=None), 422)
             added = {str(a["id"]) for a in report["added"]}
             batch.keep(p for p, i in zip(batch.paths, catalog.ids, strict=True)
                        if str(i) in added)

@@ -1,37 +1,105 @@
 """Items similar to an uploaded photo (queries that arrive together share one
-backbone call through the app's :class:`~fashionrec.serve.batcher.MicroBatcher`)."""
+backbone call through the app's :class:`~fashionrec.serve.batcher.MicroBatcher`).
+
+Limits, each answered ``{"error": ...}``: an image whose header says it has more than
+``settings.max_pixels`` pixels is 413 before it reaches the batcher; a full photo
+queue is 503 with ``Retry-After``; a query not answered within
+``settings.photo_timeout_s`` is 504 (its request is dropped from the queue, as is
+one whose client left).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import warnings
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from ...errors import FashionrecError
+from ..batcher import QueueFull
 from ..context import ApiError, Ctx, result_json
 
 router = APIRouter()
 
+RETRY_AFTER_S = 1  # what a client told "the photo queue is full" waits before retrying
+UNAVAILABLE = ("photo queries are unavailable here: the run's backbone cannot be loaded "
+               "on this server")  # the full reason (it names files) is in the log only
+_TOO_LARGE = ("more pixels than the limit", "is more than the limit of")
+
 
 @router.post("/api/similar", summary="Items similar to an uploaded photo")
-async def similar_to_photo(ctx: Ctx, image: Annotated[UploadFile, File()],
+async def similar_to_photo(ctx: Ctx, request: Request, image: Annotated[UploadFile, File()],
                            k: Annotated[int, Form(ge=1)] = 6,
                            same_class: Annotated[bool, Form()] = False,
                            category: Annotated[str | None, Form()] = None):
-    ctx.rec()
+    ctx.rec(reload=False)
     if ctx.watcher.photo_error:
-        raise ApiError(503, f"photo queries are unavailable here: {ctx.watcher.photo_error}")
+        raise ApiError(503, UNAVAILABLE)
     category = ctx.category_filter(k, category)
     data = await image.read()
     if not data:
         raise ApiError(400, "the uploaded image is empty")
-    future = ctx.batcher.submit({"query": data, "k": k, "same_class": same_class,
-                                 "category": category})
+    check_pixels(data, ctx.settings.max_pixels)
     try:
-        result = await asyncio.wrap_future(future)
+        future = ctx.batcher.submit({"query": data, "k": k, "same_class": same_class,
+                                     "category": category})
+    except QueueFull as exc:
+        raise ApiError(503, f"the service is busy: {exc}; try again in {RETRY_AFTER_S} s",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    try:
+        result = await answer(request, future, ctx.settings.photo_timeout_s)
     except FashionrecError as exc:
-        status = 400 if str(exc).startswith("cannot read image") else 422
-        raise ApiError(status, str(exc).replace("image upload", "the uploaded image")) \
+        message = str(exc)
+        if any(text in message for text in _TOO_LARGE):
+            status = 413
+        else:
+            status = 400 if message.startswith("cannot read image") else 422
+        raise ApiError(status, message.replace("image upload", "the uploaded image")) \
             from None
     return result_json(result)
+
+
+def check_pixels(data, max_pixels):
+    """413 when the image's header says it has more than ``max_pixels`` pixels (read
+    from the header only; what Pillow cannot identify is left to the library's 400)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:  # over Pillow's own hard limit
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ApiError(413, f"cannot read the uploaded image (more pixels than the limit "
+                            f"of {limit:,})") from None
+    except Exception:  # noqa: BLE001 - not an image we open: the library says why
+        return
+    if width * height > max_pixels:
+        raise ApiError(413, f"cannot read the uploaded image ({width} x {height} pixels is "
+                            f"more than the limit of {max_pixels:,})")
+
+
+async def answer(request, future, timeout_s, poll_s=0.25):
+    """The batcher's result for ``future``; 504 after ``timeout_s``. When the client
+    leaves or time runs out, ``future`` is cancelled (a queued request is skipped)."""
+    waiting = asyncio.wrap_future(future)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ApiError(504, f"the photo query was not answered within "
+                                    f"{timeout_s:g} s; try again later")
+            done, _ = await asyncio.wait({waiting}, timeout=min(poll_s, left))
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise ApiError(503, "the client left before the photo query was answered")
+    finally:
+        if not waiting.done():
+            future.cancel()
+            waiting.cancel()
