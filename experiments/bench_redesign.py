@@ -34,9 +34,11 @@ OUT = HERE / "results" / "redesign"
 BENCHES = {
     "query": (["experiments/bench_query.py", "--kinds", "gaussian", "--sizes", "5000,100000",
                "--methods", "exact,hnsw"], "bench_query.json"),
-    "serve": (["experiments/bench_serve.py", "--seconds", "30"], "bench_serve.json"),
-    "extract": (["experiments/bench_extract.py", "speed", "--sizes", "224", "--tag",
-                 "-redesign"], "bench_extract-redesign.json"),
+    "serve": (["experiments/bench_serve.py", "--seconds", "30", "--item-requests", "1000",
+               "--photo-requests", "160"], "bench_serve.json"),
+    "extract": (["experiments/bench_extract.py", "speed", "--sizes", "224", "--n-batched",
+                 "128", "--n-real", "128", "--rounds", "2", "--tag", "-redesign"],
+                "bench_extract-redesign.json"),
 }
 
 

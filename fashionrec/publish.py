@@ -170,9 +170,8 @@ def publish(trained, run_dir, force=False, log=print):
         if not carry:
             run.publish(version, meta)
         else:
-            old = IndexStore.of(prev.version, lock_wait=600.0)
-            with old._locked():  # writers to the previous version wait, then redo
-                _catch_up(trained, store, prev.index, old.load(), say)
+            with prev.store.locked():  # writers to the previous version wait, then redo
+                _catch_up(trained, store, prev.index, prev.store.load(), say)
                 run.publish(version, meta)
     return load_version(run.path, log=None)
 
@@ -183,9 +182,9 @@ def _previous(run, force, say):
     try:
         meta = run.read()
         version = run.current(meta)
-        store = IndexStore.of(version)
-        added, removed = store.history()
-        return _Previous(version, meta, store, store.load(None), added, removed)
+        store = IndexStore.of(version, lock_wait=600.0)
+        index, added, removed = store.read_with_history()  # one generation: none between
+        return _Previous(version, meta, store, index, added, removed)
     except FashionrecError as exc:
         if not force:
             raise FashionrecError(

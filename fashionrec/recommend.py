@@ -22,7 +22,7 @@ from .errors import FashionrecError
 from .living import add_products, catalog_features, read_catalog, reindex
 from .publish import load_version, publish
 from .results import Item, Recommendation  # noqa: F401 - public here too
-from .rundir import StaleVersion
+from .rundir import RunDir, StaleVersion
 
 DISPLAY_SIZE = 160  # product thumbnails in result grids
 
@@ -99,6 +99,11 @@ class Recommender:
         state.embedder, state.report, state.dataset = (trained.embedder, trained.report,
                                                        trained.dataset)
         return Path(run_dir)
+
+    @staticmethod
+    def read_run_id(run_dir):
+        """The published version's run id (cheap: no model is loaded)."""
+        return RunDir(run_dir).run_id()
 
     @classmethod
     def load(cls, run_dir, log=_stderr):

@@ -410,6 +410,19 @@ class IndexStore(CatalogStore):
                                     "at": now_iso()}]
             return self._publish(m)
 
+    def locked(self):
+        """The store's lock, for a caller that must keep writers out while it reads
+        and acts (a retrain's publish)."""
+        return self._locked()
+
+    def read_with_history(self):
+        """``(live index, added, removed)`` read at one generation (under the lock, so
+        no write lands between them): see :meth:`history`."""
+        with self._locked():
+            m = self.manifest()
+            added, removed = self.history(m)
+            return self._load(m, None, None, False), added, removed
+
     def history(self, m=None):
         """``(added, removed)``: ids added since the model was trained and still live,
         and ids removed since it was first trained (both kept through compactions and

@@ -112,3 +112,54 @@ def test_adds_over_http_while_the_run_is_retrained_in_place(served, tiny_config)
                             data={"k": "1"})
         assert found.status_code == 200, found.text
         assert found.json()["items"][0]["id"] == item_id, (item_id, found.json())
+
+
+def test_a_served_catalog_run_retrained_in_place_keeps_its_api_adds(tmp_path):
+    """The same for a product catalog (folder): products added over HTTP are in the
+    published new version, re-embedded, and a photo query with one finds it first."""
+    from catalogs import CLASSES, draw_product
+
+    from fashionrec.catalog import Catalog
+
+    root, run = tmp_path / "catalog", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for cls, (shape, colour) in CLASSES.items():
+        for k in range(6):
+            path = root / cls.split("/")[1] / f"{k:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_product(shape, colour, rng, (64 + 7 * k, 60), "RGB").save(path)
+    shop = dict(image_size=32, weights="none", epochs=2, batch_size=16,
+                extract_batch_size=16, **FAST)
+
+    def fit(seed):
+        return Recommender(**shop, seed=seed).fit_catalog(
+            Catalog.read(root), min_class_size=1, cache_dir=run / "features",
+            progress=False, log=None)
+
+    fit(1).save(run, log=None)
+    photos = {}
+    for i, cls in enumerate(list(CLASSES)[:2]):
+        buf = io.BytesIO()
+        draw_product(*CLASSES[cls], np.random.default_rng(50 + i), (80, 50), "RGB").save(
+            buf, "PNG")
+        photos[f"new-{i}"] = buf.getvalue()
+    app = create_app(ServeSettings(str(run), api_key=KEY, check_interval=0.0))
+    with TestClient(app) as client:
+        while client.get("/api/ready").status_code != 200:
+            time.sleep(0.1)
+        for item_id, data in photos.items():
+            r = client.post("/api/items", headers=auth(), data={"ids": [item_id]},
+                            files=[("images", (f"{item_id}.png", data))])
+            assert r.status_code == 200, r.text
+        new = fit(2)
+        new.save(run, log=None)
+        t0 = time.monotonic()
+        while served_run_id(client) != new.run_id_:
+            assert time.monotonic() - t0 < 20, "the service never switched"
+            time.sleep(0.1)
+        for item_id, data in photos.items():
+            found = client.post("/api/similar", files={"image": ("q.png", data)},
+                                data={"k": "1"})
+            assert found.status_code == 200, found.text
+            top = found.json()["items"][0]
+            assert top["id"] == item_id and top["distance"] < 1e-2, (item_id, top)

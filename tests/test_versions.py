@@ -581,3 +581,33 @@ def test_compacting_a_legacy_run_keeps_it_loading(fm, tmp_path):
     rec.compact(progress=False, log=None)
     again = Recommender.load(run, log=None)
     assert again.index_.row_of(10031) is not None and again.index_.scaler is not None
+
+
+def test_an_add_while_the_retrain_reads_the_previous_catalog_is_kept(fm, tmp_path,
+                                                                    monkeypatch):
+    """The previous catalog and the list of products added since its training are read
+    at one generation: an add that arrives while they are read (found by CI: it landed
+    between the two and was lost) is carried over or caught up, never dropped."""
+    run = copy_run(fm.run, tmp_path / "run")
+    writer = load(run, like=fm.rec)
+    real_history, threads = IndexStore.history, []
+
+    def history(self, m=None):
+        out = real_history(self, m)
+        if not threads:  # the publish has read the added ids: an add arrives now
+            threads.append(threading.Thread(target=writer.add, args=(
+                Catalog.from_files([fm.pngs[10070]], ids=[10070]),), kwargs=dict(
+                progress=False, log=None)))
+            threads[0].start()
+            time.sleep(1.5)  # (it waits for the lock the read holds)
+        return out
+
+    new = Recommender(fm.cfg, seed=9).fit(cache_dir=run / "features", progress=False,
+                                          log=None)
+    monkeypatch.setattr(IndexStore, "history", history)
+    new.save(run, log=None)
+    monkeypatch.undo()
+    threads[0].join(timeout=120)
+    fresh = load(run, like=new)
+    assert fresh.run_id_ == new.run_id_ and fresh.index_.row_of(10070) is not None
+    assert_found_first(fresh, fm.pngs[10070], 10070)
