@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "redesign"
 BENCHES = {
     "query": (["experiments/bench_query.py", "--kinds", "gaussian", "--sizes", "5000,100000",
-               "--methods", "exact,hnsw"], "bench_query.json"),
+               "--methods", "exact,hnsw", "--old-queries", "50,20"], "bench_query.json"),
     "serve": (["experiments/bench_serve.py", "--seconds", "30", "--item-requests", "1000",
                "--photo-requests", "160"], "bench_serve.json"),
     "extract": (["experiments/bench_extract.py", "speed", "--sizes", "224", "--n-batched",
@@ -135,12 +135,20 @@ def extract_rows():
 
 
 def report(before, after):
-    serve, cpu = serve_rows()
+    from fashionrec.artifacts import cpu_description
+
+    have = {b for b in BENCHES if (OUT / f"{b}-before.json").is_file()
+            and (OUT / f"{b}-after.json").is_file()}
     lines = ["# Before and after the core redesign (one machine, one session)", "",
-             f"CPU: {cpu}. Before: `{before}`; after: `{after}`. Each benchmark ran on "
-             "both trees back to back (before first), the machine otherwise idle. "
-             "Server and load generator share the machine.", "",
-             *serve, *query_rows(), *extract_rows()]
+             f"CPU: {cpu_description()}. Before: `{before}`; after: `{after}`. Each "
+             "benchmark ran on both trees back to back (before first), the machine "
+             f"otherwise idle. Benchmarks run: {', '.join(sorted(have))}.", ""]
+    if "serve" in have:
+        lines += serve_rows()[0]
+    if "query" in have:
+        lines += query_rows()
+    if "extract" in have:
+        lines += extract_rows()
     (HERE / "results" / "bench_redesign.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
