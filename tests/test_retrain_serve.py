@@ -7,7 +7,6 @@ Only the service's HTTP routes are used (its modules are being reorganised).
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 import time
 
@@ -18,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
+from serving import paced, serve_copy  # noqa: E402
 
 from fashionrec import Recommender  # noqa: E402
 from fashionrec.artifacts import read_json  # noqa: E402
@@ -45,17 +45,7 @@ def served_run_id(client):
 @pytest.fixture
 def served(trained_run, tmp_path):
     """A private copy of the tiny Fashion-MNIST run, served with writes on."""
-    _, run_dir = trained_run
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    app = create_app(ServeSettings(str(run), api_key=KEY, max_upload_bytes=200_000,
-                                   check_interval=0.0))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/api/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
-        yield client, run
+    yield from serve_copy(trained_run[1], tmp_path / "run", KEY)
 
 
 def test_adds_over_http_while_the_run_is_retrained_in_place(served, tiny_config):
@@ -67,16 +57,11 @@ def test_adds_over_http_while_the_run_is_retrained_in_place(served, tiny_config)
     saving, done, answers = threading.Event(), threading.Event(), []
 
     def add_one_by_one():
-        after = 0
-        while queue and after < 3:  # until the retrain is saved, then a few more
-            if not saving.is_set():  # slowly while it trains, at full speed while it saves
-                saving.wait(0.5)
-            item_id = queue.pop(0)
+        for item_id in paced(queue, saving, done):
             r = client.post("/api/items", headers=auth(),
                             files=[("images", (f"{item_id}.png", photos[item_id]))],
                             data={"ids": [str(item_id)]})
             answers.append((item_id, r.status_code, r.text))
-            after += done.is_set()
 
     thread = threading.Thread(target=add_one_by_one)
     thread.start()

@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
+from serving import serve_copy  # noqa: E402
 
 from fashionrec import Recommender  # noqa: E402
 from fashionrec.serve import ServeSettings, create_app  # noqa: E402
@@ -28,29 +29,16 @@ def png_bytes(array):
     return buf.getvalue()
 
 
-def serve_copy(run_dir, run):
-    """A copy of ``run_dir`` at ``run``, served with writes on, once ready."""
-    shutil.copytree(run_dir, run)
-    app = create_app(ServeSettings(str(run), api_key=KEY, max_upload_bytes=200_000,
-                                   check_interval=0.0))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/api/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
-        yield client, run
-
-
 @pytest.fixture
 def served(trained_run, tmp_path):
     """A private copy of the tiny Fashion-MNIST run, served with writes on."""
-    yield from serve_copy(trained_run[1], tmp_path / "run")
+    yield from serve_copy(trained_run[1], tmp_path / "run", KEY)
 
 
 @pytest.fixture(scope="module")
 def served_once(trained_run, tmp_path_factory):
     """One served copy for tests that change nothing (warming the model takes a while)."""
-    yield from serve_copy(trained_run[1], tmp_path_factory.mktemp("shared") / "run")
+    yield from serve_copy(trained_run[1], tmp_path_factory.mktemp("shared") / "run", KEY)
 
 
 def auth(key=KEY):

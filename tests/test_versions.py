@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from catalogs import CLASSES, draw_product
 from PIL import Image
+from serving import paced
 
 from fashionrec import FashionrecError, Recommender
 from fashionrec import publish as publish_module
@@ -405,18 +406,13 @@ def test_adds_made_while_a_retrain_runs_are_never_lost(fm, tmp_path):
     queue = [i for i in sorted(fm.pngs) if i >= 10050]
 
     def add_one_by_one():
-        after = 0
-        while queue and after < 3:  # until the retrain is saved, then a few more
-            if not saving.is_set():  # slowly while it trains, at full speed while it saves
-                saving.wait(0.5)
-            item_id = queue.pop(0)
+        for item_id in paced(queue, saving, done):
             try:
                 adder.add(Catalog.from_files([fm.pngs[item_id]], ids=[item_id]),
                           progress=False, log=None)
                 added.append(item_id)
             except Exception as exc:  # noqa: BLE001 - every failure is reported
                 errors.append((item_id, repr(exc)))
-            after += done.is_set()
 
     thread = threading.Thread(target=add_one_by_one)
     thread.start()
