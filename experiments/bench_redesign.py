@@ -37,7 +37,7 @@ BENCHES = {
     "serve": (["experiments/bench_serve.py", "--seconds", "30", "--item-requests", "1000",
                "--photo-requests", "160"], "bench_serve.json"),
     "extract": (["experiments/bench_extract.py", "speed", "--sizes", "224", "--n-batched",
-                 "128", "--n-real", "128", "--rounds", "2", "--tag", "-redesign"],
+                 "128", "--n-real", "128", "--rounds", "2", "--tag=-redesign"],
                 "bench_extract-redesign.json"),
 }
 

@@ -101,10 +101,10 @@ class Catalog:
              image_column=None, image_pattern="images/{id}.jpg", category_columns=None,
              allow_outside=False):
         """A folder (image-folder layout) or a ``.csv`` file (manifest layout;
-        ``allow_outside``: see :meth:`from_csv`)."""
+        ``allow_outside``: see :meth:`from_csv` and :meth:`from_folder`)."""
         path = Path(path)
         if path.is_dir():
-            return cls.from_folder(path, label_depth)
+            return cls.from_folder(path, label_depth, allow_outside)
         if path.is_file() and path.suffix.lower() == ".csv":
             return cls.from_csv(path, label_column, id_column, image_column, image_pattern,
                                 category_columns, allow_outside)
@@ -113,16 +113,18 @@ class Catalog:
         raise FashionrecError(f"catalog {path} is neither a folder of images nor a .csv file")
 
     @classmethod
-    def from_folder(cls, root, label_depth=1):
+    def from_folder(cls, root, label_depth=1, allow_outside=False):
         """Every file below ``root``; class = the first ``label_depth`` folder levels
         (below the split folder, when ``root`` holds ``train/``, ``validation/`` or
-        ``val/``, and ``test/``: see :func:`split_folders`)."""
+        ``val/``, and ``test/``: see :func:`split_folders`). A symbolic link to a file
+        outside ``root`` is skipped unless ``allow_outside``."""
         root = Path(root)
         if not root.is_dir():
             raise FashionrecError(f"catalog folder {root} does not exist")
         if isinstance(label_depth, bool) or not isinstance(label_depth, int) or label_depth < 1:
             raise FashionrecError(f"label_depth must be an integer >= 1, got {label_depth!r}")
         split_names = split_folders(root)
+        inside = root.resolve()
         ids, paths, labels, categories, skipped, splits = [], [], [], [], [], []
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             rel = path.relative_to(root)
@@ -142,6 +144,10 @@ class Catalog:
                                      f"{', '.join(IMAGE_EXTENSIONS)}"))
             elif id_problem(item["id"]):
                 skipped.append(_skip(item, "bad id", id_problem(item["id"])))
+            elif not allow_outside and not path.resolve().is_relative_to(inside):
+                skipped.append(_skip(item, "outside the catalog", (
+                    f"a link to {path.resolve()}, outside the catalog folder; allow it "
+                    f"with allow_outside (--allow-outside)")))
             elif len(folders) < label_depth:
                 skipped.append(_skip(item, "no class folder",
                                      f"fewer than {label_depth} folder level(s) above it"))
@@ -153,6 +159,8 @@ class Catalog:
                 if split_names:
                     splits.append(split)
         source = {"layout": "folder", "root": str(root.resolve()), "label_depth": label_depth}
+        if allow_outside:
+            source["allow_outside"] = True
         if split_names:
             source["split_folders"] = split_names
         return cls(ids, paths, labels, categories, source, skipped,

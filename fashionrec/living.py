@@ -23,6 +23,9 @@ from .errors import FashionrecError
 from .ids import check_id
 from .index import CatalogIndex
 
+COMPACT_SEGMENTS = 64  # unfolded segments from which a write compacts the catalog
+COMPACT_REMOVED_SHARE = 0.2  # ... or the share of removed items (of live + removed)
+
 LAYOUT_OPTIONS = ("label_depth", "label_column", "id_column", "image_column",
                   "image_pattern", "category_columns")
 
@@ -130,6 +133,22 @@ def _check_new_id(meta, item_id):
         raise FashionrecError(
             f"id {item_id} is test image {item_id} of {meta['config']['dataset']}; new "
             f"products take ids from {n_test} up (ids below are the test images themselves)")
+
+
+def compaction_due(state, segments=COMPACT_SEGMENTS, removed_share=COMPACT_REMOVED_SHARE):
+    """Why the version's catalog should be compacted now, or ``None``: ``segments`` or
+    more added segments not folded into the base (each is a file a load reads), or
+    removed items making up ``removed_share`` or more of the catalog (they are still
+    searched, then dropped). ``0`` turns a rule off."""
+    pending = state.store().pending()
+    if segments and pending["segments"] >= segments:
+        return f"{pending['segments']} added segments (the limit is {segments})"
+    removed = pending["removed"]
+    share = removed / max(len(state.index) + removed, 1)
+    if removed_share and removed and share >= removed_share:
+        return f"{removed} removed items, {share:.0%} of the catalog (the limit is " \
+               f"{removed_share:.0%})"
+    return None
 
 
 def reindex(state, search_choice, lock_wait, progress, log, hnsw_params):

@@ -112,7 +112,7 @@ def nearest(index, class_names, info, vector, query_class, own_row, image, k,
             mask &= index.labels == query_class
             wanted.append(f"class {class_names[query_class]}")
         if category is not None:
-            mask &= category_matches(index.all_categories(), category)
+            mask &= category_mask(index, category)
             wanted.append(f"category {category}")
         if own_row is not None:
             mask[own_row] = False
@@ -163,6 +163,18 @@ def item_picture(index, item_id, size):
     return None
 
 
+def category_mask(index, wanted):
+    """Boolean mask of the items of ``index`` in category ``wanted``
+    (:func:`~fashionrec.catalog.category_matches`), matched once per distinct category
+    path and spread to the items by their code (kept on the index, which never changes)."""
+    codes = getattr(index, "_category_codes", None)
+    if codes is None:
+        codes = index._category_codes = np.unique(index.all_categories().astype(str),
+                                                  return_inverse=True)
+    distinct, inverse = codes
+    return category_matches(distinct, wanted)[inverse.reshape(-1)]
+
+
 def browse(index, offset=0, limit=24, class_name=None, category=None):
     """``(total, items)`` of the catalog's items of ``class_name`` in ``category``
     (vectorised masks), ``limit`` of them from ``offset``."""
@@ -172,7 +184,7 @@ def browse(index, offset=0, limit=24, class_name=None, category=None):
             raise FashionrecError(f"class {class_name!r} is not one of this run's classes")
         mask &= index.labels == index.class_names.index(class_name)
     if category and category.strip():
-        mask &= category_matches(index.all_categories(), category.strip())
+        mask &= category_mask(index, category.strip())
     rows = np.flatnonzero(mask)
     return int(len(rows)), [item_at(index, index.class_names, 0, r, 0.0)
                             for r in rows[offset:offset + limit]]

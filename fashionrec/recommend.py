@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import queries, training
+from . import living, queries, training
 from .config import RunConfig
 from .data import Dataset, get_spec, load_split
 from .errors import FashionrecError
 from .living import add_products, catalog_features, read_catalog, reindex
 from .publish import load_version, publish
 from .results import Item, Recommendation  # noqa: F401 - public here too
-from .rundir import RunDir, StaleVersion
+from .rundir import StaleVersion
 
 DISPLAY_SIZE = 160  # product thumbnails in result grids
 
@@ -48,6 +48,9 @@ class Recommender:
 
     lock_wait = 30.0  # seconds a write waits while another process (or a publish) holds the catalog
     retries = 3  # times a write is redone when a retrain publishes a new model meanwhile
+    compact_segments, compact_removed_share = living.COMPACT_SEGMENTS, living.COMPACT_REMOVED_SHARE
+    auto_compact = True  # add / remove compact past those rules (False: the caller does it)
+    refresh_error = None  # why the catalog could not be read back after the last write
 
     def __init__(self, config=None, **overrides):
         if config is not None and not overrides:
@@ -91,7 +94,7 @@ class Recommender:
         """Publish the trained model as the run's new version (atomically); products
         of the catalog it replaces are carried over (:func:`fashionrec.publish.publish`).
         ``force``: train into a non-empty folder that holds no run."""
-        self._check_fitted()
+        self._held()
         trained = self._state
         self._state = publish(trained, run_dir, force, log)
         # keep the backbone already built, the catalog check's report, the dataset
@@ -99,11 +102,6 @@ class Recommender:
         state.embedder, state.report, state.dataset = (trained.embedder, trained.report,
                                                        trained.dataset)
         return Path(run_dir)
-
-    @staticmethod
-    def read_run_id(run_dir):
-        """The published version's run id (cheap: no model is loaded)."""
-        return RunDir(run_dir).run_id()
 
     @classmethod
     def load(cls, run_dir, log=_stderr):
@@ -113,17 +111,13 @@ class Recommender:
         rec._state = loaded
         return rec
 
-    def _check_fitted(self):
+    def _held(self):
         if self._state is None:
             raise FashionrecError("this Recommender is not trained; call fit() or load()")
-
-    def _held(self):
-        self._check_fitted()
         return self._state
 
     def _loaded(self):
-        self._check_fitted()
-        if not hasattr(self._state, "run"):  # trained, not saved
+        if not hasattr(self._held(), "run"):  # trained, not saved
             raise FashionrecError("save() the run first: updates go to its saved index")
         return self._state
 
@@ -168,10 +162,6 @@ class Recommender:
         return getattr(self._state, "split", None)
 
     @property
-    def run_dir_(self):
-        return getattr(getattr(self._state, "run", None), "path", None)
-
-    @property
     def class_names(self):
         return self.index_.class_names
 
@@ -191,8 +181,7 @@ class Recommender:
         return tuple(self.metadata_["dataset"].get("image_shape", (28, 28)))[:2]
 
     def head_outputs(self, views):
-        """Class probabilities and standardized embeddings from backbone features, one
-        array per view (:meth:`fashionrec.embedder.Embedder.encode_features`)."""
+        """:meth:`fashionrec.embedder.Embedder.encode_features` of this run's model."""
         return self.embedder_.encode_features(views)
 
     def test_images(self):
@@ -242,7 +231,7 @@ class Recommender:
         image path, image bytes or an image array; or ``item``, a catalog item's id.
         ``same_class`` and ``category`` filter; a query in the catalog never gets itself
         back; one catalog snapshot answers the whole query."""
-        self._check_fitted()
+        self._held()
         queries.check_k(k)
         if (query is None) == (item is None):
             raise FashionrecError("give either a query (test index, image) or an item id")
@@ -274,8 +263,10 @@ class Recommender:
     def add(self, catalog, progress=True, log=print):
         """Add new products (a :class:`~fashionrec.catalog.Catalog`) to the saved
         catalog without retraining; see :func:`fashionrec.living.add_products`."""
-        return self._write(lambda state: add_products(state, catalog, self.lock_wait,
-                                                      progress, log))
+        out = self._write(lambda state: add_products(state, catalog, self.lock_wait,
+                                                     progress, log))
+        self._compact_if_due(progress, log)
+        return out
 
     def remove(self, ids, log=print):
         """Remove discontinued products (by id) from the saved catalog; all or nothing."""
@@ -288,7 +279,18 @@ class Recommender:
         self._write(remove)
         if log:
             log(f"remove: the catalog now holds {len(self.index_)} items")
+        self._compact_if_due(False, log)
         return self
+
+    def compaction_due(self):
+        """Why the catalog should be compacted now (:func:`~fashionrec.living.compaction_due`)."""
+        return living.compaction_due(self._loaded(), self.compact_segments,
+                                     self.compact_removed_share)
+
+    def _compact_if_due(self, progress, log):
+        if self.auto_compact and (why := self.compaction_due()):
+            (log or str)(f"compact: {why}; folding them into the base")
+            self.compact(progress, log)
 
     def compact(self, progress=True, log=print):
         """Fold added and removed products into a new base (and HNSW graph)."""
@@ -313,7 +315,11 @@ class Recommender:
                 if attempt == self.retries:
                     raise
                 state = self._state = load_version(state.run.path, log=None)
-        self.refresh()
+        try:
+            self.refresh()
+            self.refresh_error = None
+        except (FashionrecError, OSError) as exc:  # the write is saved all the same: say
+            self.refresh_error = str(exc)  # so, and let the next refresh read it
         return out
 
     def refresh(self, log=None):

@@ -140,6 +140,13 @@ class IndexStore(CatalogStore):
     def _file(self, name):
         return self.path.parent / name
 
+    def pending(self, m=None):
+        """``{"segments": n, "removed": n}``: the added segments and removed ids not
+        yet folded into the base (read from the manifest alone)."""
+        ops = (m or self.manifest())["ops"]
+        return {"segments": sum(op["op"] == "add" for op in ops),
+                "removed": sum(len(op.get("ids", ())) for op in ops)}
+
     def _replay(self, m, read):
         """Replay manifest ``m`` with ``read(path) -> (ids, metadata, base_id, part)``;
         return the base's metadata, the parts and ``{id: (part number, row)}`` of live
@@ -221,8 +228,13 @@ class IndexStore(CatalogStore):
 
     def _load(self, m, search, log, progress, reuse=None):
         def read(path):
-            index = CatalogIndex.load(path)
+            # only the base is memory-mapped (a mapping holds a file descriptor);
+            # segments are small and read into memory, so a load keeps one file open
+            # however many segments there are
+            index = CatalogIndex.load(path, mmap=path == base_path)
             return index.ids, index.metadata, index.base_id, index
+
+        base_path = self._file(m.get("base", self.path.name))
 
         base_meta, parts, live = self._replay(m, read)
         base = parts[0]

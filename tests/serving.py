@@ -7,16 +7,16 @@ import shutil
 import time
 
 
-def serve_copy(run_dir, run, key):
-    """A copy of ``run_dir`` at ``run``, served with writes on (``key``), once ready:
-    yields ``(client, run)``."""
+def serve_copy(run_dir, run, key, **settings):
+    """A copy of ``run_dir`` at ``run``, served with writes on (``key``) and
+    ``settings``, once ready: yields ``(client, run)``."""
     from fastapi.testclient import TestClient
 
     from fashionrec.serve import ServeSettings, create_app
 
     shutil.copytree(run_dir, run)
-    app = create_app(ServeSettings(str(run), api_key=key, max_upload_bytes=200_000,
-                                   check_interval=0.0))
+    app = create_app(ServeSettings(str(run), api_key=key, **{
+        "max_upload_bytes": 200_000, "check_interval": 0.0, **settings}))
     with TestClient(app) as client:
         deadline = time.monotonic() + 120
         while client.get("/api/ready").status_code != 200:

@@ -189,6 +189,19 @@ def test_csv_rows_outside_the_folder_when_allowed(csv_shop):
     assert cat.paths[4] == (csv_shop.parent.parent / "away/secret.png").resolve()
 
 
+def test_folder_links_outside_the_folder_are_skipped_unless_allowed(csv_shop):
+    """A folder catalog's symbolic link to a file outside it would be served by the
+    image route: skipped, unless allowed."""
+    shop = csv_shop.parent  # as a folder catalog: images/in.png, images/link.png, ...
+    cat = Catalog.read(shop)
+    assert "images/in.png" in cat.ids and "images/link.png" not in cat.ids
+    skipped = {s["id"]: s for s in cat.skipped}
+    assert skipped["images/link.png"]["kind"] == "outside the catalog"
+    assert "secret.png" in skipped["images/link.png"]["reason"]
+    allowed = Catalog.read(shop, allow_outside=True)
+    assert "images/link.png" in allowed.ids and allowed.source["allow_outside"] is True
+
+
 def test_cli_allow_outside(csv_shop, tmp_path, capsys):
     for verb in ("train", "extract", "add"):
         args = build_parser().parse_args([verb, "--catalog", "x.csv", "--allow-outside"])

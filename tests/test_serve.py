@@ -354,6 +354,32 @@ def test_queries_never_break_while_products_come_and_go(served):
     assert client.get("/api/stats").json()["items"] == 24 + 3
 
 
+def test_health_and_queries_answer_while_a_reload_runs(served, monkeypatch):
+    """A reload (here held for seconds) runs in the watching thread, never on the event
+    loop: health answers at once, and a photo query is answered by the model it has."""
+    client, run = served
+    rec = client.app.state.watcher.rec
+    gate, started, real = threading.Event(), threading.Event(), type(rec).refresh
+
+    def slow(self, log=None):
+        started.set()
+        gate.wait(15)
+        return real(self, log)
+    monkeypatch.setattr(type(rec), "refresh", slow)
+    other = Recommender.load(run)  # another process changes the catalog: a reload is due
+    other.remove([int(other.index_.ids[0])], log=None)
+    photo = png_bytes(other.query_image(30)[0])
+    try:
+        assert started.wait(15), "no reload started"
+        t = time.monotonic()
+        assert client.get("/api/health").status_code == 200
+        r = client.post("/api/similar", files={"image": ("q.png", photo)}, data={"k": "1"})
+        assert r.status_code == 200 and client.get("/api/items?limit=1").status_code == 200
+        assert time.monotonic() - t < 5.0  # none of them waited for the reload
+    finally:
+        gate.set()
+
+
 def test_the_batcher_shares_one_call_between_requests_that_arrive_together():
     calls = []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from ..artifacts import read_json, write_json
@@ -198,7 +199,7 @@ def cmd_add(args):
     if args.id is not None and (args.image is None or len(args.image) != 1):
         raise FashionrecError("--id names a single --image")
     if args.allow_outside and args.catalog is None:
-        raise FashionrecError("--allow-outside applies to a --catalog CSV")
+        raise FashionrecError("--allow-outside applies to a --catalog")
     rec = Recommender.load(args.run_dir)
     if args.catalog is not None:
         if args.label is not None:
@@ -210,6 +211,9 @@ def cmd_add(args):
             labels=None if args.label is None else [args.label] * len(args.image))
     report = rec.add(catalog, progress=not args.no_progress,
                      log=None if args.json else print)
+    if rec.refresh_error:
+        print(f"fashionrec add: the products are saved, but reading the catalog back "
+              f"failed ({rec.refresh_error})", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -296,13 +300,19 @@ def cmd_serve(args):
     if not args.photo_timeout_s > 0 or not 0 < args.max_megapixels <= MAX_PIXELS / 1e6:
         raise FashionrecError(f"--photo-timeout-s must be > 0 and --max-megapixels in "
                               f"(0, {MAX_PIXELS / 1e6:g}] (the library's budget)")
+    if not 0 <= args.compact_removed_share <= 1 or not args.display_cache_mb >= 0:
+        raise FashionrecError("--compact-removed-share must be in [0, 1] and "
+                              "--display-cache-mb >= 0")
     settings = ServeSettings(run_dir=args.run_dir, api_key=key,
                              cors_origins=tuple(args.cors_origin),
                              max_upload_bytes=int(args.max_upload_mb * 2**20),
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, photo_timeout_s=args.photo_timeout_s,
                              max_pixels=int(args.max_megapixels * 1e6),
-                             max_connections=args.max_connections)
+                             max_connections=args.max_connections,
+                             compact_segments=args.compact_segments,
+                             compact_removed_share=args.compact_removed_share,
+                             display_cache_bytes=int(args.display_cache_mb * 2**20))
     run(settings, host=args.host, port=args.port, workers=args.workers,
         log=lambda message: print(message, flush=True))
     print("fashionrec serve: stopped", flush=True)

@@ -270,6 +270,13 @@ _SERVE_LIMITS = (
     ("--max-connections", _int_at_least(2), 256, "open connections per worker process from "
                                                  "which new requests get 503 (uvicorn's "
                                                  "limit_concurrency)"),
+    ("--compact-segments", _int_at_least(0), 64, "added segments from which a write "
+                                                 "compacts the catalog in the background "
+                                                 "(0: never)"),
+    ("--compact-removed-share", float, 0.2, "share of removed items from which a write "
+                                            "compacts the catalog (0: never)"),
+    ("--display-cache-mb", float, 64.0, "item pictures kept encoded in memory for the "
+                                        "image route"),
 )
 
 
@@ -399,6 +406,6 @@ def _catalog_options(group, defaults=True):
                        help="CSV: comma-separated columns joined into the category path "
                             "(default: the label column)")
     group.add_argument("--allow-outside", action="store_true",
-                       help="let a CSV catalog name images outside its folder (absolute "
-                            "paths, .., symlinks leading out; the service shows every "
-                            "catalog image)")
+                       help="let a catalog name images outside its folder (a CSV's "
+                            "absolute paths, .. and symlinks leading out; a folder's "
+                            "symlinks leading out; the service shows every catalog image)")

@@ -68,7 +68,7 @@ def run(settings, host="127.0.0.1", port=8000, workers=1, log=print):
     import uvicorn
 
     _one_thread_per_request()
-    watcher = RunWatcher(settings.run_dir, settings.check_interval, log=log)
+    watcher = RunWatcher.from_settings(settings, log=log)
     writes = "on (API key set)" if settings.api_key else "off (no API key)"
     log(f"fashionrec serve: http://{host}:{port}/  (run {settings.run_dir}: "
         f"{watcher.rec.stats()['items']} items; {workers} worker(s); API docs at /docs; "

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, images
+from .. import __version__, images, living
 from .batcher import MicroBatcher
 from .context import ApiError, Context, json_error, n_items
 from .routers import ROUTERS
@@ -58,6 +58,10 @@ class ServeSettings:
             still applies to decoding, so more than that has no effect.
         max_connections: uvicorn's ``limit_concurrency``: from this many open
             connections or requests in flight, new requests get 503.
+        compact_segments, compact_removed_share: a write that leaves this many added
+            segments, or this share of removed items, unfolded starts a background
+            compaction (``0`` turns a rule off).
+        display_cache_bytes: encoded item pictures kept in memory for the image route.
     """
 
     run_dir: str
@@ -72,6 +76,9 @@ class ServeSettings:
     photo_timeout_s: float = 30.0
     max_pixels: int = 40_000_000
     max_connections: int = 256
+    compact_segments: int = living.COMPACT_SEGMENTS
+    compact_removed_share: float = living.COMPACT_REMOVED_SHARE
+    display_cache_bytes: int = 64 * 2**20
 
 
 class _Metrics:
@@ -210,12 +217,12 @@ def create_app(settings, watcher=None, log=None):
     once it is, and the routes that need it answer 503 until then.
     """
     say = log or (lambda message: logger.info(message))
-    watcher = watcher or RunWatcher(settings.run_dir, settings.check_interval, log=say)
+    watcher = watcher or RunWatcher.from_settings(settings, log=say)
     if settings.max_pixels > images.MAX_PIXELS:
         say(f"serve: photos above the library's budget of {images.MAX_PIXELS:,} pixels "
             f"are refused whatever max_pixels says")
     metrics = _Metrics()
-    batcher = MicroBatcher(lambda requests: watcher.current().recommend_batch(requests),
+    batcher = MicroBatcher(lambda requests: watcher.current(False).recommend_batch(requests),
                            settings.max_batch, settings.max_wait_ms / 1e3,
                            on_batch=metrics.batch.observe, max_queue=settings.max_queue)
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from ..errors import FashionrecError
 from ..rundir import StaleVersion
+from .pictures import DisplayCache
 from .uploads import Uploads
 
 
@@ -52,6 +53,7 @@ class Context:
 
     def __post_init__(self):
         self.uploads = Uploads(self.watcher.run_dir)
+        self.pictures = DisplayCache(getattr(self.settings, "display_cache_bytes", 0))
 
     def rec(self, reload=True):
         """The recommender to answer with; 503 while the model is loading. Async routes

@@ -12,6 +12,9 @@ looks at the run's record and its catalog's manifest (two ``stat`` calls):
   until then the old one answers.
 
 Writes made through the service (add, remove) and reloads are serialised by one lock.
+A write that leaves the catalog past the compaction rules (see
+:func:`fashionrec.living.compaction_due`) starts a compaction in a background thread
+under that lock: queries go on with the snapshot they hold, writes wait for it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import living
 from ..errors import FashionrecError
 from ..recommend import Recommender
 from ..rundir import RunDir
@@ -35,13 +39,19 @@ class RunWatcher:
         run_dir: the trained run.
         check_interval: seconds between looks at the files.
         log: where reloads are reported.
+        compact_segments, compact_removed_share: when a write starts a compaction
+            (:func:`fashionrec.living.compaction_due`; ``0`` turns a rule off).
     """
 
-    def __init__(self, run_dir, check_interval=0.5, log=None):
+    def __init__(self, run_dir, check_interval=0.5, log=None,
+                 compact_segments=living.COMPACT_SEGMENTS,
+                 compact_removed_share=living.COMPACT_REMOVED_SHARE):
         self.run_dir = Path(run_dir)
         self.check_interval = check_interval
         self.log = log or (lambda *_: None)
-        self.write_lock = threading.Lock()  # held by writes and by reloads
+        self.compact_rules = (compact_segments, compact_removed_share)
+        self.write_lock = threading.Lock()  # held by writes, reloads and compactions
+        self._compacting = threading.Lock()  # one background compaction at a time
         self._stamps = self._read_stamps()
         self.rec = self._load()
         self._last_check = time.monotonic()
@@ -51,7 +61,15 @@ class RunWatcher:
     def _load(self):
         rec = Recommender.load(self.run_dir, log=self.log)
         rec.lock_wait = 30.0  # a write waits for one by another worker or the CLI
+        rec.auto_compact = False  # compactions run in the background (after_write)
+        rec.compact_segments, rec.compact_removed_share = self.compact_rules
         return rec
+
+    @classmethod
+    def from_settings(cls, settings, log=None):
+        """The watcher of a :class:`~fashionrec.serve.app.ServeSettings`' run."""
+        return cls(settings.run_dir, settings.check_interval, log,
+                   settings.compact_segments, settings.compact_removed_share)
 
     def _read_stamps(self):
         return RunDir(self.run_dir).stamps()
@@ -129,7 +147,41 @@ class RunWatcher:
         if rec.run_id_ != run_id:
             self.photo_error = warm_up(rec)
             self.log(f"serve: switched to run {rec.run_id_} (a write met the retrain)")
-        self._stamps = self._read_stamps()
+        if rec.refresh_error:  # the write is saved; the next look reads it
+            self.log(f"serve: a write was saved but reading the catalog back failed "
+                     f"({rec.refresh_error}); trying again")
+        else:
+            self._stamps = self._read_stamps()
+        self.compact_if_due()
+
+    def compact_if_due(self):
+        """Compact the served catalog in a background thread if it is past the rules
+        (one compaction at a time, under ``write_lock``); returns the thread, or
+        ``None`` when none was started."""
+        try:
+            due = self.rec.compaction_due()
+        except (FashionrecError, OSError):
+            return None
+        if not due or not self._compacting.acquire(blocking=False):
+            return None
+
+        def compact():
+            try:
+                with self.write_lock:
+                    rec = self.rec
+                    if rec.compaction_due():  # not done by another process meanwhile
+                        self.log(f"serve: compacting the catalog ({due})")
+                        rec.compact(progress=False, log=None)
+                        self.log(f"serve: compacted ({rec.stats()['items']} items)")
+                    if not rec.refresh_error:
+                        self._stamps = self._read_stamps()
+            except (FashionrecError, OSError) as exc:  # the index is whole: the old or
+                self.log(f"serve: compaction failed ({exc}); the next write tries again")
+            finally:  # the new one (a compaction is atomic)
+                self._compacting.release()
+        thread = threading.Thread(target=compact, name="fashionrec-compact", daemon=True)
+        thread.start()
+        return thread
 
 
 def warm_up(rec):

@@ -4,10 +4,8 @@ remove products (writes: they need the API key)."""
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
-import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -15,8 +13,9 @@ from starlette.datastructures import UploadFile
 from ...catalog import Catalog
 from ...errors import FashionrecError
 from ..context import ApiError, Ctx, item_json, n_items, result_json
+from ..schemas import ERRORS, Added, Item, Page, Removed, Similar
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
 def _item(rec, item_id):
@@ -27,7 +26,7 @@ def _item(rec, item_id):
         raise ApiError(404, str(exc)) from None
 
 
-@router.get("/api/items", summary="Browse the catalog")
+@router.get("/api/items", summary="Browse the catalog", response_model=Page)
 def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500),
           class_name: str | None = Query(None, alias="class"),
           category: str | None = None):
@@ -39,7 +38,8 @@ def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, l
             "items": [item_json(item) for item in found]}
 
 
-@router.get("/api/items/{item_id:path}/similar", summary="Items similar to a catalog item")
+@router.get("/api/items/{item_id:path}/similar", summary="Items similar to a catalog item",
+            response_model=Similar)
 def similar_to_item(ctx: Ctx, item_id: str, k: int = Query(6, ge=1), same_class: bool = False,
                     category: str | None = None):
     rec = ctx.rec()
@@ -54,28 +54,25 @@ def similar_to_item(ctx: Ctx, item_id: str, k: int = Query(6, ge=1), same_class:
 
 
 @router.get("/api/items/{item_id:path}/image", summary="An item's picture (PNG)",
-            response_class=Response)
+            response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the picture"}})
 def item_image(ctx: Ctx, item_id: str):
     try:
-        image = ctx.rec().item_image(item_id)
+        data = ctx.pictures.picture(ctx.rec(), item_id)
     except FashionrecError as exc:
         raise ApiError(404, str(exc)) from None
-    if image is None:
+    if data is None:
         raise ApiError(404, f"the picture of item {item_id!r} is missing")
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).save(buf, "PNG")
-    return Response(buf.getvalue(), media_type="image/png",
-                    headers={"Cache-Control": "max-age=300"})
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
 
 
-@router.get("/api/items/{item_id:path}", summary="An item's metadata")
+@router.get("/api/items/{item_id:path}", summary="An item's metadata", response_model=Item)
 def item(ctx: Ctx, item_id: str):
     return item_json(_item(ctx.rec(), item_id))
 
 
-@router.delete("/api/items/{item_id:path}", summary="Remove an item (needs the API key)")
+@router.delete("/api/items/{item_id:path}", summary="Remove an item (needs the API key)",
+               response_model=Removed)
 def delete_item(ctx: Ctx, item_id: str, request: Request):
     ctx.check_write(request)
     gone = _item(ctx.rec(), item_id)
@@ -92,7 +89,8 @@ _ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
 
 
 @router.post("/api/items", summary="Add products: photos, ids, optional labels "
-                                   "(needs the API key)", openapi_extra=_ADD_BODY)
+                                   "(needs the API key)", openapi_extra=_ADD_BODY,
+             response_model=Added)
 async def add_items(ctx: Ctx, request: Request):
     ctx.check_write(request)  # before a byte of the body is read
     ctx.rec(reload=False)  # 503 while starting

@@ -20,8 +20,9 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from ...errors import FashionrecError
 from ..batcher import QueueFull
 from ..context import ApiError, Ctx, result_json
+from ..schemas import ERRORS, Similar
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 RETRY_AFTER_S = 1  # what a client told "the photo queue is full" waits before retrying
 UNAVAILABLE = ("photo queries are unavailable here: the run's backbone cannot be loaded "
@@ -29,7 +30,8 @@ UNAVAILABLE = ("photo queries are unavailable here: the run's backbone cannot be
 _TOO_LARGE = ("more pixels than the limit", "is more than the limit of")
 
 
-@router.post("/api/similar", summary="Items similar to an uploaded photo")
+@router.post("/api/similar", summary="Items similar to an uploaded photo",
+             response_model=Similar)
 async def similar_to_photo(ctx: Ctx, request: Request, image: Annotated[UploadFile, File()],
                            k: Annotated[int, Form(ge=1)] = 6,
                            same_class: Annotated[bool, Form()] = False,

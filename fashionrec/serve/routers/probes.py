@@ -7,23 +7,25 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..context import Ctx, json_error
+from ..schemas import ERRORS, Health, Ready, Stats
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
-@router.get("/api/health", summary="The process is alive")
+@router.get("/api/health", summary="The process is alive", response_model=Health)
 async def health():
     return {"status": "ok"}
 
 
-@router.get("/api/ready", summary="The model is loaded and warmed")
+@router.get("/api/ready", summary="The model is loaded and warmed", response_model=Ready)
 async def ready(ctx: Ctx):
     if not ctx.watcher.ready:
         return json_error(503, "the service is starting: the model is loading", ready=False)
     return {"ready": True}
 
 
-@router.get("/api/stats", summary="Items, classes, the run and its index")
+@router.get("/api/stats", summary="Items, classes, the run and its index",
+            response_model=Stats)
 def stats(ctx: Ctx):
     return ctx.rec().stats()
 
