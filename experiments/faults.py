@@ -303,11 +303,13 @@ def case_disconnects(template, work, leave=200, normal=100, **_):
         body = multipart(noise_png(1))
         rng = random.Random(2)
         cuts = [None if i % 4 else rng.randrange(1, len(body)) for i in range(leave)]
+        t = time.monotonic()
         with ThreadPoolExecutor(16) as pool:  # leave right after sending, or mid-body
             list(pool.map(lambda cut: photo_request(server.port, body, "fAuLtS",
                                                     leave_after=len(body) if cut is None
                                                     else cut), cuts))
-        time.sleep(1)
+        drained = queue_drained(server.url, timeout=30)
+        drain_s = time.monotonic() - t
         photo = noise_png(3)
 
         def query(_):
@@ -321,7 +323,22 @@ def case_disconnects(template, work, leave=200, normal=100, **_):
     ok = sum(s == 200 for s in statuses)
     return {"clients_that_left": leave, "normal_queries": normal, "answered_200": ok,
             "statuses": _count(statuses), "server_alive": alive,
-            "holds": ok == normal and alive}
+            "queue_drained_s": round(drain_s, 2),
+            "holds": ok == normal and alive and drained}
+
+
+def queue_drained(url, timeout):
+    """Wait until no photo query waits in the server's queue (its Prometheus gauge):
+    the requests of clients that left are dropped, not answered."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("fashionrec_photo_queue ") and float(line.split()[1]) == 0:
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def big_png(megapixels, seed=0):
@@ -517,12 +534,12 @@ def report(results, machine):
              "Fashion-MNIST run (24 items, random weights, 32 px) served by "
              "`fashionrec serve` in its own process on 127.0.0.1. "
              "`python experiments/faults.py` reproduces it.", "",
-             "| case | holds | figures |", "| --- | --- | --- |"]
+             "| case | holds | run at | figures |", "| --- | --- | --- | --- |"]
     for name, r in results.items():
         figures = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.items()
-                            if k not in ("holds", "seconds"))
-        lines.append(f"| {name} | {'yes' if r['holds'] else '**no**'} | {figures} "
-                     f"({r['seconds']:.0f} s) |")
+                            if k not in ("holds", "seconds", "run"))
+        lines.append(f"| {name} | {'yes' if r['holds'] else '**no**'} | {r.get('run', '')} "
+                     f"| {figures} ({r['seconds']:.0f} s) |")
     return "\n".join(lines) + "\n"
 
 
@@ -533,6 +550,8 @@ def main(argv=None):
     p.add_argument("--compaction-rounds", type=int, default=10)
     p.add_argument("--adds", type=int, default=2000)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved results of the cases not run (same CPU only)")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory(prefix="fashionrec-faults-") as tmp:
@@ -544,12 +563,17 @@ def main(argv=None):
             kwargs = {"rounds": args.compaction_rounds if name == "kill-compaction"
                       else args.rounds, "adds": args.adds}
             results[name] = {**CASES[name](template, work, **kwargs),
-                             "seconds": round(time.monotonic() - t, 1)}
+                             "seconds": round(time.monotonic() - t, 1),
+                             "run": time.strftime("%Y-%m-%d %H:%M")}
             print(name, json.dumps(results[name]), flush=True)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "faults.json").is_file():  # re-run cases, keep the others
+        saved = json.loads((out / "faults.json").read_text())
+        if saved["machine"]["cpu"] == machine["cpu"]:
+            results = {**saved["cases"], **results}
     (out / "faults.json").write_text(json.dumps({"machine": machine, "cases": results},
                                                 indent=2) + "\n")
     (out / "faults.md").write_text(report(results, machine))

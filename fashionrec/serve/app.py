@@ -92,6 +92,8 @@ class _Metrics:
                                           2.5, 5, 10))
         self.items = Gauge("fashionrec_items", "Items in the served index",
                            registry=self.registry)
+        self.queue = Gauge("fashionrec_photo_queue", "Photo queries waiting for a batch",
+                           registry=self.registry)
         self.batch = Histogram("fashionrec_photo_batch_size", "Photo queries per backbone call",
                                registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
 
@@ -225,6 +227,7 @@ def create_app(settings, watcher=None, log=None):
     batcher = MicroBatcher(lambda requests: watcher.current(False).recommend_batch(requests),
                            settings.max_batch, settings.max_wait_ms / 1e3,
                            on_batch=metrics.batch.observe, max_queue=settings.max_queue)
+    metrics.queue.set_function(batcher.pending)
 
     def warm():
         try:

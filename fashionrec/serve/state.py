@@ -198,6 +198,10 @@ def warm_up(rec):
         image = np.zeros(rec.image_shape, np.float32)
     try:
         result = rec.recommend_batch([{"query": image, "k": 1}])[0]
+        if not isinstance(result, FashionrecError):
+            # a second batch size: Keras then traces the model for any batch size, so
+            # the first batch of each new size under load does not stall the queue
+            rec.recommend_batch([{"query": image, "k": 1}] * 3)
     except FashionrecError as exc:
         return str(exc)
     return str(result) if isinstance(result, FashionrecError) else None
