@@ -35,7 +35,8 @@ FINDINGS = {
         "tests/test_images.py::test_pixel_budget_is_checked_from_the_header",
         "tests/test_images.py::test_large_jpeg_decodes_at_reduced_scale",
         "tests/test_images.py::test_deep_gray_is_stretched_in_float32_like_float64",
-        "tests/test_limits.py::test_a_photo_over_the_pixel_budget_is_413_before_the_batcher"]),
+        "tests/test_limits.py::test_a_photo_over_the_pixel_budget_is_413_before_the_batcher",
+        "tests/test_limits.py::test_the_pixel_check_never_touches_the_process_wide_warning_filters"]),
     3: ("The photo batcher: bounded, timed, cancellation-safe, per-request errors", [
         "tests/test_batcher.py",
         "tests/test_limits.py::test_a_full_photo_queue_is_503_with_retry_after",

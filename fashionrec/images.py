@@ -104,6 +104,13 @@ def _read_bytes(path):
         raise FashionrecError(f"cannot read image {path} ({exc.strerror or exc})") from None
 
 
+def check_header(data, name="image", max_pixels=None):
+    """Raise the one-line error :func:`decode_image` would for what ``data``'s header
+    says (not a JPEG, PNG or WebP image; more pixels than ``max_pixels``), without
+    decoding a pixel."""
+    _open(data, name, max_pixels).close()
+
+
 def decode_image(data, name="image", max_pixels=None, min_size=None):
     """Image bytes (an upload) fully decoded like a file by :func:`open_image`; ``name``
     is how errors refer to it."""

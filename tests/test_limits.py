@@ -275,3 +275,24 @@ def get_status(port):
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+def test_the_pixel_check_never_touches_the_process_wide_warning_filters(monkeypatch):
+    """``warnings.catch_warnings`` swaps the filters of every thread (the batcher's
+    decodes run meanwhile): the header check does without it."""
+    import warnings
+
+    from fashionrec.serve.context import ApiError
+    from fashionrec.serve.routers.photos import check_pixels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings is not thread-safe")
+    monkeypatch.setattr(warnings, "catch_warnings", refuse)
+    with pytest.raises(ApiError) as info:
+        check_pixels(png_bytes(200, 100), 10_000)
+    assert info.value.status == 413 and "200 x 100 pixels" in info.value.message
+    with pytest.raises(ApiError) as info:
+        check_pixels(png_bytes(20000, 20000, "1"), 40_000_000)
+    assert info.value.status == 413
+    check_pixels(png_bytes(100, 100), 10_000)  # within the budget: nothing raised
+    check_pixels(b"not an image", 10_000)  # left to the library's 400
