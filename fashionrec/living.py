@@ -151,6 +151,20 @@ def compaction_due(state, segments=COMPACT_SEGMENTS, removed_share=COMPACT_REMOV
     return None
 
 
+def compact_when_due(rec, progress=False, log=None):
+    """After a write through ``rec`` (a :class:`~fashionrec.recommend.Recommender` with
+    ``auto_compact``): compact its catalog if :meth:`~fashionrec.recommend.Recommender.compaction_due`
+    says so. A compaction that cannot run now (another process holds the catalog) is
+    left to a later write; the write before it is saved either way."""
+    say = log or (lambda *_: None)
+    if rec.auto_compact and (why := rec.compaction_due()):
+        say(f"compact: {why}; folding them into the base")
+        try:
+            rec.compact(progress, log)
+        except FashionrecError as exc:
+            say(f"compact: not now ({exc}); a later write tries again")
+
+
 def reindex(state, search_choice, lock_wait, progress, log, hnsw_params):
     """Build (or drop) the version's HNSW graph for a new search choice and record the
     choice in its record; returns the search spec."""

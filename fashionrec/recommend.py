@@ -22,7 +22,7 @@ from .errors import FashionrecError
 from .living import add_products, catalog_features, read_catalog, reindex
 from .publish import load_version, publish
 from .results import Item, Recommendation  # noqa: F401 - public here too
-from .rundir import StaleVersion
+from .rundir import RunDir, StaleVersion
 
 DISPLAY_SIZE = 160  # product thumbnails in result grids
 
@@ -102,6 +102,11 @@ class Recommender:
         state.embedder, state.report, state.dataset = (trained.embedder, trained.report,
                                                        trained.dataset)
         return Path(run_dir)
+
+    @staticmethod
+    def read_run_id(run_dir):
+        """The published version's run id (cheap: no model is loaded)."""
+        return RunDir(run_dir).run_id()
 
     @classmethod
     def load(cls, run_dir, log=_stderr):
@@ -265,7 +270,7 @@ class Recommender:
         catalog without retraining; see :func:`fashionrec.living.add_products`."""
         out = self._write(lambda state: add_products(state, catalog, self.lock_wait,
                                                      progress, log))
-        self._compact_if_due(progress, log)
+        living.compact_when_due(self, progress, log)
         return out
 
     def remove(self, ids, log=print):
@@ -279,18 +284,13 @@ class Recommender:
         self._write(remove)
         if log:
             log(f"remove: the catalog now holds {len(self.index_)} items")
-        self._compact_if_due(False, log)
+        living.compact_when_due(self, False, log)
         return self
 
     def compaction_due(self):
         """Why the catalog should be compacted now (:func:`~fashionrec.living.compaction_due`)."""
         return living.compaction_due(self._loaded(), self.compact_segments,
                                      self.compact_removed_share)
-
-    def _compact_if_due(self, progress, log):
-        if self.auto_compact and (why := self.compaction_due()):
-            (log or str)(f"compact: {why}; folding them into the base")
-            self.compact(progress, log)
 
     def compact(self, progress=True, log=print):
         """Fold added and removed products into a new base (and HNSW graph)."""

@@ -121,6 +121,22 @@ def test_auto_compaction_can_be_turned_off(run_copy, tmp_path):
     assert rec.index_.metadata["n_updates"] == 1 and "1 added segments" in rec.compaction_due()
 
 
+def test_a_busy_catalog_postpones_the_compaction_not_the_add(run_copy, tmp_path):
+    from fashionrec.errors import FashionrecError
+
+    rec = Recommender.load(run_copy)
+    rec.compact_segments, lines = 1, []
+
+    def busy(*args, **kwargs):
+        raise FashionrecError("the index is being updated by another process")
+    rec.compact = busy
+    report = rec.add(Catalog.from_files([png_file(tmp_path / "p.png", rec.query_image(30)[0])],
+                                        ids=["20000"]), progress=False, log=lines.append)
+    assert report["n_added"] == 1 and rec.index_.row_of(20000) is not None
+    assert any("compact: not now" in line for line in lines), lines
+    assert Recommender.load(run_copy).index_.metadata["n_updates"] == 1
+
+
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
