@@ -28,24 +28,29 @@ ROOT = HERE.parent
 
 FINDINGS = {
     1: ("Only JPEG, PNG and WebP are ever decoded", [
+        "tests/test_findings.py::test_1_an_eps_upload_is_refused_without_running_ghostscript",
         "tests/test_images.py::test_eps_is_refused_without_pillow_trying_its_plugin",
         "tests/test_images.py::test_other_formats_are_refused_in_one_line",
         "tests/test_limits.py::test_the_library_pixel_budget_is_413_and_a_foreign_format_400"]),
     2: ("A pixel budget from the header, JPEG draft, no float64 copies", [
+        "tests/test_findings.py::test_2_a_small_16_bit_png_of_88_megapixels_is_413_from_its_header",
         "tests/test_images.py::test_pixel_budget_is_checked_from_the_header",
         "tests/test_images.py::test_large_jpeg_decodes_at_reduced_scale",
         "tests/test_images.py::test_deep_gray_is_stretched_in_float32_like_float64",
         "tests/test_limits.py::test_a_photo_over_the_pixel_budget_is_413_before_the_batcher",
         "tests/test_limits.py::test_the_pixel_check_never_touches_the_process_wide_warning_filters"]),
     3: ("The photo batcher: bounded, timed, cancellation-safe, per-request errors", [
+        "tests/test_findings.py::test_3_a_cancelled_photo_query_does_not_kill_the_batcher",
         "tests/test_batcher.py",
         "tests/test_limits.py::test_a_full_photo_queue_is_503_with_retry_after",
         "tests/test_limits.py::test_a_slow_photo_query_is_504_and_the_service_recovers",
         "tests/test_limits.py::test_a_client_that_leaves_drops_its_photo_query"]),
     4: ("Reloads off the event loop; readers never write graphs", [
+        "tests/test_findings.py::test_4_health_answers_while_the_service_reloads_a_changed_catalog",
         "tests/test_serve.py::test_health_and_queries_answer_while_a_reload_runs",
         "tests/test_store.py::test_a_missing_stale_or_damaged_graph_is_rebuilt_not_trusted"]),
     5: ("Segments: few open files, automatic compaction, uploads kept once published", [
+        "tests/test_findings.py::test_5_a_load_of_many_segments_works_under_a_low_open_file_limit",
         "tests/test_compaction.py"]),
     6: ("Ids checked in one place; uploads cleaned on every failure", [
         "tests/test_ids.py",
@@ -55,20 +60,24 @@ FINDINGS = {
         "tests/test_limits.py::test_photo_queries_off_name_no_server_path"]),
     8: ("Writes and limits: key before body, chunked 413, connections, display cache, "
         "vectorised categories", [
+            "tests/test_findings.py::test_8_the_image_route_decodes_a_picture_once",
             "tests/test_limits.py::test_a_chunked_upload_over_the_limit_is_413",
             "tests/test_limits.py::test_uvicorn_answers_503_beyond_max_connections",
             "tests/test_pictures.py"]),
     9: ("CLI and catalogs: no overwriting a non-run, the demo's own folders, a locked "
         "feature cache, CSV paths inside the catalog", [
+            "tests/test_findings.py::test_9_train_refuses_a_folder_that_is_not_a_run",
             "tests/test_cli.py::test_train_refuses_a_folder_that_holds_no_run",
             "tests/test_safety.py::test_demo_refuses_to_delete_a_folder_it_did_not_write",
             "tests/test_safety.py::test_a_second_extraction_leaves_the_first_ones_partial_file",
             "tests/test_safety.py::test_csv_rows_outside_the_folder_are_skipped"]),
     10: ("An empty catalog stops in one line", [
+        "tests/test_findings.py::test_10_train_on_an_empty_folder_is_one_line",
         "tests/test_safety.py::test_train_on_an_empty_catalog_is_one_line",
         "tests/test_safety.py::test_train_on_an_empty_folder_in_a_process_has_no_traceback",
         "tests/test_safety.py::test_add_of_an_empty_catalog_is_one_line"]),
     11: ("A load maps the file it read, not the name again", [
+        "tests/test_findings.py::test_11_a_file_renamed_over_the_index_mid_load_is_not_mixed_in",
         "tests/test_index.py::test_a_file_swapped_in_mid_load_is_not_mixed_in"]),
 }
 

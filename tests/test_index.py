@@ -99,8 +99,10 @@ def test_a_file_swapped_in_mid_load_is_not_mixed_in(tmp_path, monkeypatch):
     import fashionrec.index as index_module
 
     old, _ = make_index(seed=1)
-    path = old.save(tmp_path / "index.h5")
+    old.paths = np.array([f"/shop/{i}.jpg" for i in range(len(old))], dtype=object)
+    path = old.save(tmp_path / "index.h5")  # with paths: read (and swapped) before the vectors
     new, _ = make_index(seed=2)
+    new.paths = old.paths
     new.save(tmp_path / "new.h5")
     real, swapped = index_module._as_strings, []
 
