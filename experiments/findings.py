@@ -77,8 +77,7 @@ FINDINGS = {
         "tests/test_safety.py::test_train_on_an_empty_folder_in_a_process_has_no_traceback",
         "tests/test_safety.py::test_add_of_an_empty_catalog_is_one_line"]),
     11: ("A load maps the file it read, not the name again", [
-        "tests/test_findings.py::test_11_a_file_renamed_over_the_index_mid_load_is_not_mixed_in",
-        "tests/test_index.py::test_a_file_swapped_in_mid_load_is_not_mixed_in"]),
+        "tests/test_findings.py::test_11_a_file_renamed_over_the_index_mid_load_is_not_mixed_in"]),
 }
 
 

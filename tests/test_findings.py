@@ -148,6 +148,7 @@ def test_11_a_file_renamed_over_the_index_mid_load_is_not_mixed_in(tmp_path, mon
     monkeypatch.setattr(index_module, "_as_strings", swap_then_read)
     loaded = CatalogIndex.load(path)
     assert swapped and np.array_equal(np.asarray(loaded.vectors), np.asarray(old.vectors))
+    assert np.array_equal(loaded.ids, old.ids)
 
 
 def test_8_the_image_route_decodes_a_picture_once(tmp_path, monkeypatch):
