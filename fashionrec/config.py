@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import expansion, metric
 from .errors import FashionrecError
 from .search import CHOICES as SEARCH_CHOICES
 from .search import HNSW_DEFAULTS, resolve
@@ -74,6 +75,13 @@ class RunConfig:
             bfloat16, else Keras float32 (:func:`fashionrec.engine.resolve`). The run's
             backbone record says what was used, and its photo queries use the same.
         seed: seeds weight init, dropout and shuffling.
+        metric_loss: a metric-learning loss on the head's ``dense_mid`` beside its
+            softmax (``"multi_similarity"`` or ``"supcon"``, :mod:`fashionrec.metric`),
+            weighted ``metric_weight``; ``None`` (default): the softmax alone (the recipe).
+        qe_k, qe_alpha: alpha query expansion (:mod:`fashionrec.expansion`): each query
+            is averaged with its ``qe_k`` nearest catalog items; 0 (default): off.
+        dba_k, dba_alpha: database-side augmentation: each catalog vector is averaged
+            with its ``dba_k`` nearest other items when it is stored; 0 (default): off.
         search: how the catalog is searched: ``"exact"``, ``"hnsw"`` (a FAISS HNSW
             graph, approximate) or ``"auto"`` (HNSW from ``hnsw_min_items`` items up).
         hnsw_m, hnsw_ef_construction: the HNSW graph's links per node and build-time
@@ -100,6 +108,12 @@ class RunConfig:
     engine: str = "auto"
     precision: str = "auto"
     seed: int = 1234
+    metric_loss: str | None = None
+    metric_weight: float = 1.0
+    qe_k: int = 0
+    qe_alpha: float = expansion.DEFAULT_ALPHA
+    dba_k: int = 0
+    dba_alpha: float = expansion.DEFAULT_ALPHA
     search: str = "auto"
     hnsw_min_items: int = 50000
     hnsw_m: int = HNSW_DEFAULTS["m"]
@@ -142,6 +156,8 @@ class RunConfig:
                 raise FashionrecError(
                     f"{name} must be one of {', '.join(c for c in choices if c)}, "
                     f"got {getattr(self, name)!r}")
+        self.metric_loss_setting()
+        self.expansion_spec()
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if not 0.0 <= self.validation_split < 1.0:
@@ -195,10 +211,26 @@ class RunConfig:
         return [(fit, m) for fit in self.fits for m in mirrors]
 
     def search_spec(self, n_items, log=None):
-        """The search back-end for ``n_items`` (:func:`fashionrec.search.resolve`)."""
-        return resolve(self.search, n_items, self.hnsw_min_items, log=log, m=self.hnsw_m,
-                       ef_construction=self.hnsw_ef_construction,
-                       ef_search=self.hnsw_ef_search)
+        """The search back-end for ``n_items`` (:func:`fashionrec.search.resolve`), with
+        the query expansion and database-side augmentation every reader applies (keys
+        present only when on)."""
+        return {**resolve(self.search, n_items, self.hnsw_min_items, log=log, m=self.hnsw_m,
+                          ef_construction=self.hnsw_ef_construction,
+                          ef_search=self.hnsw_ef_search),
+                **{k: v for k, v in self.expansion_spec().items() if v}}
+
+    def metric_loss_setting(self):
+        """The head's metric loss, complete (:func:`fashionrec.metric.resolve`), or
+        ``None``."""
+        if self.metric_loss is None:
+            return None
+        return metric.resolve({"name": self.metric_loss, "weight": self.metric_weight})
+
+    def expansion_spec(self):
+        """``{"query_expansion": ..., "dba": ...}``, each a setting or ``None``."""
+        return {"query_expansion": expansion.resolve({"k": self.qe_k, "alpha": self.qe_alpha}),
+                "dba": expansion.resolve({"k": self.dba_k, "alpha": self.dba_alpha},
+                                         "database-side augmentation")}
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -15,8 +15,14 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from .artifacts import atomic_path, read_json, scaler_from_arrays, scaler_to_arrays, write_json
 from .errors import FashionrecError
+from .metric import metric_loss_from
+from .metric import resolve as resolve_metric_loss
 
 MID_LAYER = "dense_mid"
+# a two-output fit (softmax + metric loss) names its history after the outputs
+_HISTORY_NAMES = {"probs_accuracy": "accuracy", "val_probs_accuracy": "val_accuracy",
+                  "probs_loss": "softmax_loss", "val_probs_loss": "val_softmax_loss",
+                  "dense_mid_loss": "metric_loss", "val_dense_mid_loss": "val_metric_loss"}
 
 
 _PREDICT_LOCK = threading.RLock()  # Keras predict() is not safe from several threads at once
@@ -61,7 +67,8 @@ class ClassifierHead:
     """
 
     def __init__(self, n_classes, epochs=32, batch_size=64, learning_rate=4e-4,
-                 dropout=0.7, validation_split=0.2, seed=1234, verbose="auto"):
+                 dropout=0.7, validation_split=0.2, seed=1234, verbose="auto",
+                 metric_loss=None, steps_per_execution="epoch", jit_compile=False):
         self.n_classes = n_classes
         self.epochs = epochs
         self.batch_size = batch_size
@@ -70,9 +77,13 @@ class ClassifierHead:
         self.validation_split = validation_split
         self.seed = seed
         self.verbose = verbose
+        self.metric_loss = resolve_metric_loss(metric_loss)
+        self.steps_per_execution = steps_per_execution
+        self.jit_compile = jit_compile
 
     def fit(self, X, y, validation_data=None):
-        """Standardize ``X``, train the MLP on one-hot ``y`` with balanced class weights.
+        """Standardize ``X``, train the MLP on one-hot ``y`` with balanced class weights
+        (and, with ``metric_loss``, a metric-learning loss on ``dense_mid`` beside it).
 
         ``validation_data`` (features, labels), when given, gives the validation curve
         instead of the last ``validation_split`` of ``X``; it never trains the head."""
@@ -91,28 +102,52 @@ class ClassifierHead:
         self.class_weight_ = {int(c): 1.0 for c in range(self.n_classes)}
         self.class_weight_.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
         self.model_ = build_head_model(X.shape[1], self.n_classes, dropout=self.dropout)
-        self.model_.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate),
-            loss="categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        split = {"validation_split": self.validation_split}
+        x_fit, y_fit, w_fit = self.scaler_.transform(X).astype(np.float32), y, None
+        n_val = 0
         if validation_data is not None and len(validation_data[0]):
-            x_val, y_val = validation_data
-            split = {"validation_data": (self._scaled(x_val),
-                                         keras.utils.to_categorical(y_val, self.n_classes))}
-        history = self.model_.fit(
-            self.scaler_.transform(X).astype(np.float32),
-            keras.utils.to_categorical(y, self.n_classes),
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            **split,
-            class_weight=self.class_weight_,
+            val = (self._scaled(validation_data[0]),
+                   np.asarray(validation_data[1], dtype=np.int64))
+        elif self.validation_split:  # Keras's rule: the last share of the rows, unshuffled
+            n_val = len(X) - int(np.floor(len(X) * (1.0 - self.validation_split)))
+            val = (x_fit[len(X) - n_val:], y[len(X) - n_val:])
+        else:
+            val = None
+        if n_val:
+            x_fit, y_fit = x_fit[:len(X) - n_val], y[:len(X) - n_val]
+        w_fit = np.array([self.class_weight_[int(c)] for c in y_fit], dtype=np.float32)
+        model, targets = self.model_, self._targets
+        if self.metric_loss:
+            model = keras.Model(self.model_.input, [self.model_.output,
+                                                    self.model_.get_layer(MID_LAYER).output])
+        steps = -(-len(x_fit) // self.batch_size)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=self.learning_rate),
+            loss=(["categorical_crossentropy", metric_loss_from(self.metric_loss)]
+                  if self.metric_loss else "categorical_crossentropy"),
+            loss_weights=[1.0, float(self.metric_loss["weight"])] if self.metric_loss else None,
+            metrics=[["accuracy"], []] if self.metric_loss else ["accuracy"],
+            steps_per_execution=(steps if self.steps_per_execution == "epoch"
+                                 else int(self.steps_per_execution)),
+            jit_compile=bool(self.jit_compile),
+        )
+        history = model.fit(
+            x_fit, targets(y_fit), sample_weight=w_fit, epochs=self.epochs,
+            batch_size=self.batch_size, shuffle=True,
+            validation_data=(val[0], targets(val[1])) if val is not None else None,
             verbose=self.verbose,
         )
-        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        self.history_ = {_HISTORY_NAMES.get(k, k): [float(v) for v in vals]
+                         for k, vals in history.history.items()}
         self._build_embedder()
         return self
+
+    def _targets(self, y):
+        """What the training model is fitted to: one-hot classes (and the labels
+        themselves for the metric loss on ``dense_mid``)."""
+        import keras
+
+        onehot = keras.utils.to_categorical(y, self.n_classes).astype(np.float32)
+        return (onehot, y.astype(np.int32)) if self.metric_loss else onehot
 
     def _build_embedder(self):
         import keras
@@ -156,7 +191,8 @@ class ClassifierHead:
             "run_id": run_id,
             "params": {k: getattr(self, k) for k in (
                 "n_classes", "epochs", "batch_size", "learning_rate", "dropout",
-                "validation_split", "seed")},
+                "validation_split", "seed", "metric_loss", "steps_per_execution",
+                "jit_compile")},
             "class_weight": {str(k): v for k, v in self.class_weight_.items()},
             "scaler": {k: np.asarray(v).tolist() for k, v in scaler_to_arrays(self.scaler_).items()},
             "history": self.history_,

@@ -29,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from . import expansion
 from .artifacts import atomic_path, scaler_from_arrays, scaler_to_arrays
 from .errors import FashionrecError
 from .search import ExactSearch, knn_search  # noqa: F401 - knn_search: public here too
@@ -80,6 +81,8 @@ class CatalogIndex:
             raise FashionrecError("index ids are not unique")
         self._backend = None
         self.base_id = None  # the id of the file it was loaded from (see save)
+        # alpha query expansion on every search ({"k", "alpha"}; the run's search spec)
+        self.query_expansion = None
 
     def __len__(self):
         return len(self.ids)
@@ -148,6 +151,9 @@ class CatalogIndex:
             allowed_rows = np.asarray(allowed_rows, dtype=np.int64)
             if len(allowed_rows) > 1 and not (allowed_rows[1:] > allowed_rows[:-1]).all():
                 allowed_rows = np.unique(allowed_rows)  # back-ends take sorted rows
+        if self.query_expansion:  # the neighbours that expand a query ignore the filters
+            vectors = expansion.expand(vectors, self.vectors, self.backend,
+                                       self.query_expansion, exclude_rows)
         return self.backend.search(vectors, k, allowed_rows, exclude_rows)
 
     def take(self, rows):
@@ -188,9 +194,11 @@ class CatalogIndex:
                 start += len(r)
             return out
 
-        return cls(gather("vectors"), gather("ids"), gather("labels"), first.class_names,
-                   first.scaler, gather("images"), first.metadata,
-                   gather("paths", ""), gather("categories", ""))
+        out = cls(gather("vectors"), gather("ids"), gather("labels"), first.class_names,
+                  first.scaler, gather("images"), first.metadata,
+                  gather("paths", ""), gather("categories", ""))
+        out.query_expansion = first.query_expansion
+        return out
 
     def save(self, path, base_id=None):
         """Write the index to ``path`` atomically; ``base_id`` (default: a new one)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
+from . import expansion, images
 from .catalog import Catalog
 from .config import RunConfig
 from .data import get_spec
@@ -88,6 +88,9 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
         stored = np.stack([images.load_image(p, shape) for p in clean.paths])
         probs, vectors = state.embedder.encode_images(stored, progress)
         stored = np.clip(stored, 0, 255).astype(np.uint8)
+    dba = state.metadata.get("search", {}).get("dba")
+    if dba and len(index):  # joins the catalog as its products did (expansion module)
+        vectors = expansion.expand(vectors, index.vectors, index.backend, dba)
     ids = [index.parse_id(i) for i in clean.ids]
     labels = [int(p) if lab is None else lab for lab, p in zip(labels, probs.argmax(1),
                                                                strict=True)]

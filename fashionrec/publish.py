@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import search
+from . import expansion, search
 from .artifacts import read_json, write_json
 from .catalog import Catalog, CatalogSplit
 from .config import RunConfig
@@ -226,7 +226,8 @@ def _carry(trained, prev, say):
     extra = [prev.index.row_of(i) for i in prev.added if index.row_of(i) is None]
     parts, rows, carried = [index], [np.flatnonzero(keep)], []
     part = reembed(trained.embedder, index.class_names,
-                   prev.index.take(np.array(extra, dtype=np.int64)), say)
+                   prev.index.take(np.array(extra, dtype=np.int64)), say, index,
+                   trained.metadata["search"].get("dba"))
     if part is not None:
         parts.append(part)
         rows.append(None)
@@ -254,7 +255,8 @@ def _catch_up(trained, store, seen, now, say):
     stale = [i for i in [*now.ids[fresh].tolist(), *gone] if current.row_of(i) is not None]
     if stale:
         store.remove(stale)
-    part = reembed(trained.embedder, trained.index.class_names, now.take(fresh), say)
+    part = reembed(trained.embedder, trained.index.class_names, now.take(fresh), say,
+                   current, trained.metadata["search"].get("dba"))
     if part is not None:
         store.add(part)
     if len(fresh) or gone:
@@ -277,11 +279,13 @@ def _changed(seen, now, chunk=65536):
     return np.flatnonzero(changed)
 
 
-def reembed(embedder, class_names, rows, say=None):
+def reembed(embedder, class_names, rows, say=None, joining=None, dba=None):
     """``rows`` (a :class:`CatalogIndex` of another model's products) embedded by
     ``embedder`` from their stored images; a class the new model does not know is
     replaced by its prediction. A product whose image is gone cannot be embedded: it
-    is left out, and said so. ``None`` when no product is left."""
+    is left out, and said so. ``None`` when no product is left. With ``dba`` (the run's
+    database-side augmentation), the vectors are augmented against ``joining``, the
+    new model's catalog they join."""
     if not len(rows):
         return None
     if rows.images is None:
@@ -303,6 +307,8 @@ def reembed(embedder, class_names, rows, say=None):
         probs, vectors = embedder.encode_features(views)
     else:
         probs, vectors = embedder.encode_images(rows.images.astype(np.float32))
+    if dba and joining is not None and len(joining):
+        vectors = expansion.expand(vectors, joining.vectors, joining.backend, dba)
     old_names = [rows.class_names[label] for label in rows.labels]
     labels = [class_names.index(n) if n in class_names else int(p.argmax())
               for n, p in zip(old_names, probs, strict=True)]

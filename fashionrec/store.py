@@ -249,6 +249,7 @@ class IndexStore(CatalogStore):
         index.metadata = {**base_meta, "generation": m["generation"],
                           "n_updates": len(m["ops"])}
         index.base_id = base.base_id
+        index.query_expansion = (search or {}).get("query_expansion")
         if search and search.get("backend") == "hnsw":
             ann = _graph_of(reuse, base.base_id, search) or self._graph(m, base, search, log,
                                                                        progress)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, search
+from . import __version__, expansion, search
 from .artifacts import now_iso, package_versions, peak_rss_mb
 from .catalog import CatalogSplit, assign_splits, format_report
 from .config import RunConfig
@@ -51,6 +51,7 @@ def _head(cfg, n_classes, progress):
     return ClassifierHead(
         n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, dropout=cfg.dropout,
+        metric_loss=cfg.metric_loss_setting(),
         # trained on train+validation: nothing is left for a validation curve
         validation_split=0.0 if cfg.train_on != "train" else cfg.validation_split,
         seed=cfg.seed, verbose="auto" if progress else 0)
@@ -276,12 +277,20 @@ def _finish(cfg, embedder, dataset_meta, scores, rows, timings, t0, t, progress,
         "run_id": run_id, "fashionrec_version": __version__, "created": now_iso(),
         "versions": package_versions(), "config": cfg.to_dict(),
         "backbone": embedder.info.to_dict(), "backbone_description": embedder.info.describe(),
-        "dataset": dataset_meta, **scores}
+        "dataset": dataset_meta, "head_loss": {
+            "softmax": "categorical cross-entropy, balanced class weights",
+            "metric": cfg.metric_loss_setting()}, **scores}
+    spec = cfg.search_spec(len(rows["vectors"]), log=say)
+    if spec.get("dba"):
+        say(f"index: database-side augmentation, each of {len(rows['vectors'])} items with "
+            f"its {spec['dba']['k']} nearest")
+        rows["vectors"] = expansion.augment_catalog(
+            rows["vectors"], search.build(spec, rows["vectors"], progress=progress), spec["dba"])
     index = CatalogIndex(**rows, metadata={"run_id": run_id})
-    spec = cfg.search_spec(len(index), log=say)
     if spec["backend"] != "exact":
         say(f"index: building the {spec['backend']} graph over {len(index)} items")
     index.backend = search.build(spec, index.vectors, progress=progress)
+    index.query_expansion = spec.get("query_expansion")
     metadata["search"] = spec
     timings["index_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

@@ -15,12 +15,13 @@ from ..config import RunConfig
 from ..errors import FashionrecError
 from ..recommend import Recommender
 from ..rundir import RunDir
-from .parser import CATALOG_LAYOUT, CATALOG_OPTIONS, SEARCH_NAMES
+from .parser import CATALOG_LAYOUT, CATALOG_OPTIONS, DBA_NAMES, SEARCH_NAMES
 
 # the options that become a RunConfig, by what they decide
 _FEATURE_OPTIONS = ("image_size", "image_fit", "flip", "pooling", "weights", "backbone",
                     "engine", "precision", "extract_batch_size", "seed")
-_HEAD_OPTIONS = ("epochs", "learning_rate", "batch_size", "dropout", "train_on")
+_HEAD_OPTIONS = ("epochs", "learning_rate", "batch_size", "dropout", "train_on",
+                 "metric_loss", "metric_weight", *DBA_NAMES)
 _DATASET_OPTIONS = ("dataset", "data_dir", "n_train", "n_reco")
 
 

@@ -23,7 +23,8 @@ DESCRIPTION = ("fashionrec train | extract | recommend | add | remove | compact 
                "evaluate | plot | serve — a thin layer over the library.")
 DEFAULT_RUN_DIR = "runs/default"
 SEARCH_NAMES = ("search", "hnsw_min_items", "hnsw_m", "hnsw_ef_construction",
-                "hnsw_ef_search")
+                "hnsw_ef_search", "qe_k", "qe_alpha")
+DBA_NAMES = ("dba_k", "dba_alpha")  # chosen at training: they decide the stored vectors
 CATALOG_LAYOUT = ("label_depth", "label_column", "id_column", "image_column",
                   "image_pattern", "category_columns", "allow_outside")
 CATALOG_OPTIONS = {"label_depth": 1, "label_column": "label", "id_column": "id",
@@ -60,6 +61,7 @@ def _int_at_least(low):
 
 
 _positive = _int_at_least(1)
+_nonnegative = _int_at_least(0)
 _non_negative = _int_at_least(0)
 
 
@@ -312,6 +314,17 @@ def _head_options(t):
                    help="head training batch size (default: %(default)s)")
     t.add_argument("--dropout", type=float, default=_default("dropout"),
                    help="the head's dropout rate (default: %(default)s)")
+    t.add_argument("--metric-loss", choices=("multi_similarity", "supcon"), default=None,
+                   help="also train dense_mid with a metric-learning loss beside the "
+                        "softmax (default: none, the recipe)")
+    t.add_argument("--metric-weight", type=float, default=_default("metric_weight"),
+                   help="the metric loss's weight against the softmax (default: "
+                        "%(default)s)")
+    t.add_argument("--dba-k", type=_nonnegative, default=_default("dba_k"),
+                   help="database-side augmentation: each stored vector averaged with its "
+                        "K nearest catalog items (default: %(default)s, off)")
+    t.add_argument("--dba-alpha", type=float, default=_default("dba_alpha"),
+                   help="DBA neighbour weight: cosine ** alpha (default: %(default)s)")
 
 
 def _backbone_options(t):
@@ -380,6 +393,13 @@ def _search_options(parser, required=False):
                        default=None if required else _default(name),
                        help=f"HNSW {what} (default: "
                             f"{'the run' + chr(39) + 's' if required else _default(name)})")
+    g.add_argument("--qe-k", type=_nonnegative, default=None if required else _default("qe_k"),
+                   help="query expansion: each query averaged with its K nearest catalog "
+                        "items before the search; 0: off (default: " +
+                        ("the run's)" if required else "%(default)s)"))
+    g.add_argument("--qe-alpha", type=float, default=None if required else
+                   _default("qe_alpha"), help="query expansion neighbour weight: cosine ** "
+                   "alpha (default: " + ("the run's)" if required else "%(default)s)"))
 
 
 def _catalog_options(group, defaults=True):
