@@ -250,3 +250,21 @@ def test_bad_method_options_are_one_line_errors(tmp_path, fmnist_dir, capsys):
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
         assert code in (1, 2) and msg in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_the_service_applies_query_expansion(methods_run, tmp_path):
+    pytest.importorskip("fastapi")
+    from serving import serve_copy
+
+    served = serve_copy(methods_run, tmp_path / "run", "key")
+    client, run = next(served)
+    try:
+        got = client.get("/api/items/5/similar", params={"k": 4}).json()
+    finally:
+        served.close()
+    v = Recommender.load(run).index_.vectors
+    # by hand: item 5's stored vector expanded by its 2 nearest others, then searched
+    q = expand(v[5:6], v, ExactSearch(v), {"k": 2, "alpha": 3.0}, exclude_rows=[5])
+    d = np.linalg.norm(v - q, axis=1)
+    d[5] = np.inf
+    assert [i["id"] for i in got["items"]] == np.argsort(d, kind="stable")[:4].tolist()
