@@ -66,6 +66,65 @@ def child(variant, seed, run_dir):
                       "val_loss": hist["val_loss"][-1]}))
 
 
+def breakdown(steps=400):
+    """Milliseconds per training step of the head at batch 64, by what the step does:
+    the forward pass, forward + backward, and the whole step with Keras' Adam; and the
+    same step with TensorFlow's fused Adam kernel (``ResourceApplyAdam``, the same
+    update in one pass over the weights), an alternative measured here, not used."""
+    import keras
+    import tensorflow as tf
+
+    from fashionrec.head import build_head_model
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(64, 1024)).astype(np.float32))
+    y = tf.constant(keras.utils.to_categorical(rng.integers(0, 10, 64), 10))
+    loss_fn = keras.losses.CategoricalCrossentropy()
+    out = {}
+    for part in ("forward", "forward+backward", "whole step, Keras Adam",
+                 "whole step, fused TF Adam kernel"):
+        model, opt = build_head_model(1024, 10), keras.optimizers.Adam(4e-4)
+        opt.build(model.trainable_variables)
+
+        def fused(grads, variables, opt=opt):
+            step = tf.cast(opt.iterations + 1, tf.float32)
+            for g, v in zip(grads, variables, strict=True):
+                i = opt._get_variable_index(v)
+                tf.raw_ops.ResourceApplyAdam(
+                    var=v.handle, m=opt._momentums[i].handle, v=opt._velocities[i].handle,
+                    beta1_power=tf.pow(opt.beta_1, step), beta2_power=tf.pow(opt.beta_2, step),
+                    lr=tf.cast(opt.learning_rate, tf.float32), beta1=opt.beta_1,
+                    beta2=opt.beta_2, epsilon=opt.epsilon, grad=g)
+            opt.iterations.assign_add(1)
+
+        @tf.function
+        def run(n, part=part, model=model, opt=opt, fused=fused):
+            acc = tf.constant(0.0)
+            for _ in tf.range(n):
+                if part == "forward":
+                    acc += loss_fn(y, model(x, training=True))
+                    continue
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                if part == "forward+backward":
+                    acc += tf.add_n([tf.reduce_sum(g[:1]) for g in grads])
+                elif part.endswith("Keras Adam"):
+                    opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+                    acc += loss
+                else:
+                    fused(grads, model.trainable_variables)
+                    acc += loss
+            return acc
+
+        run(tf.constant(5))
+        t = time.perf_counter()
+        run(tf.constant(steps))
+        out[part] = (time.perf_counter() - t) / steps * 1e3
+        print(f"{part}: {out[part]:.2f} ms/step", flush=True)
+    return out
+
+
 def head_tflop(n_fit, n_val, epochs, dims=(1024, 1024, 512, 10)):
     """Arithmetic of a fit: forward+backward (3x forward) on the training rows, forward
     on the validation rows, every epoch."""
@@ -78,17 +137,26 @@ def main():
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help="the variants to fit (default: all); rows of variants not "
+                             "fitted are kept from the last results")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only measure where a step's time goes (in a child)")
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]), args.run_dir)
+    if args.breakdown:
+        return print(json.dumps(breakdown()))
 
     sys.path.insert(0, str(ROOT / "experiments"))
     from bench_extract import matmul_peaks
 
     from fashionrec.artifacts import cpu_description
 
-    rows = []
-    for variant in VARIANTS:
+    old = OUT / "bench_head.json"
+    rows = [r for r in (json.loads(old.read_text())["rows"] if old.is_file() else [])
+            if r["variant"] not in args.variants]
+    for variant in args.variants:
         seeds = args.seeds if variant.startswith(("before", "now")) else args.seeds[:1]
         for seed in seeds:
             out = subprocess.run([sys.executable, __file__, "--run-dir", args.run_dir,
@@ -97,11 +165,14 @@ def main():
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"{variant}, seed {seed}: {rows[-1]['fit_s']:.1f} s, "
                   f"val accuracy {rows[-1]['val_accuracy']:.4f}", flush=True)
+    rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+    parts = json.loads(subprocess.run([sys.executable, __file__, "--breakdown"], check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])
     peaks = matmul_peaks()
     n = rows[0]["n"]
     tflop = head_tflop(int(n * 0.8), n - int(n * 0.8), 32)
     result = {"machine": {"cpu": cpu_description(), "matmul_peak_gflops": peaks},
-              "head_tflop": tflop, "rows": rows}
+              "head_tflop": tflop, "rows": rows, "step_ms": parts}
     (OUT / "bench_head.json").write_text(json.dumps(result, indent=1) + "\n")
     write_md(result)
 
@@ -139,6 +210,11 @@ def write_md(result):
         lines.append(f"- {tag}: {sec.mean():.1f} s mean over {len(sel)} seeds; "
                      f"val accuracy {acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.4f}"
                      f" (mean ± sd)")
+    steps = 32 * -(-int(rows[0]["n"] * 0.8) // 64)
+    lines += ["", f"Where a step's time goes (batch 64, ms per step; a fit is {steps} steps):",
+              "", "| the step does | ms/step | × steps = s per fit |", "|---|---|---|"]
+    for part, ms in result["step_ms"].items():
+        lines.append(f"| {part} | {ms:.2f} | {ms * steps / 1e3:.0f} |")
     (OUT / "bench_head.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

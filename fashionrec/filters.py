@@ -132,19 +132,19 @@ class _Parser:
                                          f"'and' or 'or')")
         return tree
 
-    def or_(self):
-        args = [self.and_()]
-        while self.peek()[0] == "or":
+    def joined(self, word, part, node):
+        """``part (word part)*``: one part, or ``node`` of them all."""
+        args = [part()]
+        while self.peek()[0] == word:
             self.take()
-            args.append(self.and_())
-        return args[0] if len(args) == 1 else Or(tuple(args))
+            args.append(part())
+        return args[0] if len(args) == 1 else node(tuple(args))
+
+    def or_(self):
+        return self.joined("or", self.and_, Or)
 
     def and_(self):
-        args = [self.not_()]
-        while self.peek()[0] == "and":
-            self.take()
-            args.append(self.not_())
-        return args[0] if len(args) == 1 else And(tuple(args))
+        return self.joined("and", self.not_, And)
 
     def not_(self):
         self.depth += 1
