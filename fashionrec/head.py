@@ -58,6 +58,11 @@ class ClassifierHead:
         n_classes: number of classes (labels are ``0 .. n_classes-1``).
         epochs, batch_size, learning_rate, dropout, validation_split: as in the recipe.
         seed: seeds weight init, dropout and shuffling, so a fit is repeatable.
+        metric_loss: ``None`` (the recipe), or a metric-learning loss on ``dense_mid``
+            beside the softmax (:func:`fashionrec.metric.resolve`: a name or a dict).
+        steps_per_execution: training steps per Keras call (``"epoch"``: all of one
+            epoch); jit_compile: XLA. Neither changes the fit (bench_head.py: the same
+            accuracy; XLA is slower on CPU, an epoch per call within noise).
         verbose: Keras ``fit`` verbosity (``"auto"``: a progress bar on a terminal).
 
     Example:
@@ -102,7 +107,7 @@ class ClassifierHead:
         self.class_weight_ = {int(c): 1.0 for c in range(self.n_classes)}
         self.class_weight_.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
         self.model_ = build_head_model(X.shape[1], self.n_classes, dropout=self.dropout)
-        x_fit, y_fit, w_fit = self.scaler_.transform(X).astype(np.float32), y, None
+        x_fit, y_fit = self.scaler_.transform(X).astype(np.float32), y
         n_val = 0
         if validation_data is not None and len(validation_data[0]):
             val = (self._scaled(validation_data[0]),
@@ -114,8 +119,10 @@ class ClassifierHead:
             val = None
         if n_val:
             x_fit, y_fit = x_fit[:len(X) - n_val], y[:len(X) - n_val]
-        w_fit = np.array([self.class_weight_[int(c)] for c in y_fit], dtype=np.float32)
-        model, targets = self.model_, self._targets
+        # Keras takes no class_weight for two outputs: the same weights, per sample
+        by_class = np.array([self.class_weight_[c] for c in range(self.n_classes)],
+                            dtype=np.float32)
+        model = self.model_
         if self.metric_loss:
             model = keras.Model(self.model_.input, [self.model_.output,
                                                     self.model_.get_layer(MID_LAYER).output])
@@ -131,9 +138,9 @@ class ClassifierHead:
             jit_compile=bool(self.jit_compile),
         )
         history = model.fit(
-            x_fit, targets(y_fit), sample_weight=w_fit, epochs=self.epochs,
+            x_fit, self._targets(y_fit), sample_weight=by_class[y_fit], epochs=self.epochs,
             batch_size=self.batch_size, shuffle=True,
-            validation_data=(val[0], targets(val[1])) if val is not None else None,
+            validation_data=(val[0], self._targets(val[1])) if val is not None else None,
             verbose=self.verbose,
         )
         self.history_ = {_HISTORY_NAMES.get(k, k): [float(v) for v in vals]
