@@ -80,6 +80,10 @@ class RunConfig:
             weighted ``metric_weight``; ``None`` (default): the softmax alone (the recipe).
         qe_k, qe_alpha: alpha query expansion (:mod:`fashionrec.expansion`): each query
             is averaged with its ``qe_k`` nearest catalog items; 0 (default): off.
+        fine_tune_blocks, fine_tune_epochs, fine_tune_learning_rate: product catalogs:
+            unfreeze the last ``fine_tune_blocks`` residual blocks of the backbone's
+            last stage and train them on the training products (:mod:`fashionrec.finetune`)
+            before extracting; 0 (default): the backbone stays frozen.
         dba_k, dba_alpha: database-side augmentation: each catalog vector is averaged
             with its ``dba_k`` nearest other items when it is stored; 0 (default): off.
         search: how the catalog is searched: ``"exact"``, ``"hnsw"`` (a FAISS HNSW
@@ -114,6 +118,9 @@ class RunConfig:
     qe_alpha: float = expansion.DEFAULT_ALPHA
     dba_k: int = 0
     dba_alpha: float = expansion.DEFAULT_ALPHA
+    fine_tune_blocks: int = 0
+    fine_tune_epochs: int = 3
+    fine_tune_learning_rate: float = 1e-4
     search: str = "auto"
     hnsw_min_items: int = 50000
     hnsw_m: int = HNSW_DEFAULTS["m"]
@@ -140,6 +147,8 @@ class RunConfig:
             ("hnsw_m", 2),
             ("hnsw_ef_construction", 1),
             ("hnsw_ef_search", 1),
+            ("fine_tune_blocks", 0),
+            ("fine_tune_epochs", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -158,6 +167,10 @@ class RunConfig:
                     f"got {getattr(self, name)!r}")
         self.metric_loss_setting()
         self.expansion_spec()
+        if not (isinstance(self.fine_tune_learning_rate, (int, float))
+                and self.fine_tune_learning_rate > 0):
+            raise FashionrecError(f"fine_tune_learning_rate must be > 0, got "
+                                  f"{self.fine_tune_learning_rate!r}")
         if self.flip not in (None, True, False):
             raise FashionrecError(f"flip must be true, false or None (auto), got {self.flip!r}")
         if not 0.0 <= self.validation_split < 1.0:

@@ -69,6 +69,8 @@ def train_dataset(config, dataset=None, cache_dir=None, progress=True, say=print
     if config.flip or config.image_fit:
         raise FashionrecError("flip and image_fit are for product-catalog runs "
                               "(fit_catalog); Fashion-MNIST images are square")
+    if config.fine_tune_blocks:
+        raise FashionrecError("--fine-tune-blocks is for product-catalog runs (--catalog)")
     cfg = config.resolved(catalog=False)
     timings, t0 = {}, time.perf_counter()
     # the backbone is resolved first, so a missing one stops us before long work
@@ -179,8 +181,19 @@ def train_catalog(config, catalog, min_class_size=5, holdout=None, cache_dir=Non
     timings, t0 = {}, time.perf_counter()
     if catalog.splits is not None and holdout:
         assign_splits(catalog, holdout)  # the one-line refusal, before any long work
+    tuned = None
+    if config.fine_tune_blocks:
+        t = time.perf_counter()
+        path, tuned = _fine_tune(config.resolved(catalog=True), catalog, min_class_size,
+                                 holdout, cache_dir, progress, say)
+        timings["fine_tune_s"] = time.perf_counter() - t
+        config = RunConfig.from_dict({**config.to_dict(), "backbone": str(path),
+                                      "weights": "imagenet"}, check_paths=False)
     cfg, listed, report, views, failed, shell = extract_catalog(
         config, catalog, min_class_size, cache_dir, progress, say, timings=timings)
+    if tuned is not None:  # the record keeps the settings asked for; the backbone record
+        cfg = RunConfig.from_dict({**cfg.to_dict(), "backbone": tuned["asked"]["backbone"],
+                                   "weights": tuned["asked"]["weights"]}, check_paths=False)
     features_key = listed.content_digest()
     clean, report = listed.drop_failed(failed, report)
     if failed:
@@ -220,8 +233,27 @@ def train_catalog(config, catalog, min_class_size=5, holdout=None, cache_dir=Non
                            paths=[str(p) for p in clean.paths], categories=clean.categories),
                       timings, t0, t, progress, say)
     trained.report, trained.split = report, split
+    if tuned is not None:
+        trained.metadata["fine_tune"] = {k: v for k, v in tuned.items() if k != "asked"}
     _say_scores(cfg, scores, val, held, say)
     return trained
+
+
+def _fine_tune(cfg, catalog, min_class_size, holdout, cache_dir, progress, say):
+    """The tuned backbone's path and record, trained on the products that will train
+    the head (the same split rule)."""
+    from . import finetune
+
+    listed, report = catalog.check(min_class_size, progress, decode=False)
+    _check_usable(catalog, report, say)
+    names = tuple(c for c, n in report["class_counts"].items() if n)
+    y = np.array([names.index(label) for label in listed.labels], dtype=np.int64)
+    roles = assign_splits(listed, holdout, cfg.seed)
+    fit = ["train"] + (["validation"] if cfg.train_on == "train+validation" else [])
+    rows = np.flatnonzero(np.isin(roles, fit))
+    path, record = finetune.tune_backbone(cfg, listed.subset(rows.tolist()), y[rows],
+                                          len(names), cache_dir, progress, say)
+    return path, {**record, "asked": {"backbone": cfg.backbone, "weights": cfg.weights}}
 
 
 def _split(cfg, clean, y, holdout, say):

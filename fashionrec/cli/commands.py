@@ -21,7 +21,8 @@ from .parser import CATALOG_LAYOUT, CATALOG_OPTIONS, DBA_NAMES, SEARCH_NAMES
 _FEATURE_OPTIONS = ("image_size", "image_fit", "flip", "pooling", "weights", "backbone",
                     "engine", "precision", "extract_batch_size", "seed")
 _HEAD_OPTIONS = ("epochs", "learning_rate", "batch_size", "dropout", "train_on",
-                 "metric_loss", "metric_weight", *DBA_NAMES)
+                 "metric_loss", "metric_weight", *DBA_NAMES, "fine_tune_blocks",
+                 "fine_tune_epochs", "fine_tune_learning_rate")
 _DATASET_OPTIONS = ("dataset", "data_dir", "n_train", "n_reco")
 
 

@@ -323,6 +323,15 @@ def _head_options(t):
     t.add_argument("--dba-k", type=_nonnegative, default=_default("dba_k"),
                    help="database-side augmentation: each stored vector averaged with its "
                         "K nearest catalog items (default: %(default)s, off)")
+    t.add_argument("--fine-tune-blocks", type=_nonnegative,
+                   default=_default("fine_tune_blocks"),
+                   help="product catalogs: unfreeze the last N residual blocks of the "
+                        "backbone and train them first (default: %(default)s, frozen)")
+    t.add_argument("--fine-tune-epochs", type=_positive, default=_default("fine_tune_epochs"),
+                   help="epochs of that fine-tuning (default: %(default)s)")
+    t.add_argument("--fine-tune-learning-rate", type=float,
+                   default=_default("fine_tune_learning_rate"),
+                   help="its Adam learning rate (default: %(default)s)")
     t.add_argument("--dba-alpha", type=float, default=_default("dba_alpha"),
                    help="DBA neighbour weight: cosine ** alpha (default: %(default)s)")
 
