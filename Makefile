@@ -134,6 +134,12 @@ demo-catalog: $(STAMP)
 	  --category-columns masterCategory,subCategory,articleType --image-size $(DEMO_SIZE) \
 	  $(DEMO_RECIPE) --run-dir $(DEMO_RUN)-csv --no-progress
 	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN)-csv --item 10300 --category Footwear
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN)-csv --item 10300 \
+	  --where 'gender == "Women" and price < 50 and in_stock == true'
+	$(BIN)/fashionrec add --run-dir $(DEMO_RUN)-csv --image $(DEMO_DIR)/query-dress.png \
+	  --id 20000 --attr 'productDisplayName=Umbra Dress 20000' --attr gender=Women \
+	  --attr price=24.5 --attr in_stock=true --no-progress
+	$(BIN)/fashionrec recommend --run-dir $(DEMO_RUN)-csv --item 10300 --where 'price < 25'
 
 # Real photos (clothing-dataset-small from ../shared, offline): train on its split
 # folders at 224 px (train/ and validation/ fit the head, test/ is held out), score the

@@ -13,7 +13,11 @@ Two layouts are read:
   ``images/<id>.jpg``): an id column, a label column of your choice, and either an
   image-path column or an id -> path pattern such as ``images/{id}.jpg``; paths are
   relative to the CSV's folder (and must stay inside it unless ``allow_outside``);
-  optional category columns are joined by ``/``.
+  optional category columns are joined by ``/``; the other columns (or those named)
+  are the products' attributes (:mod:`fashionrec.attributes`).
+
+A folder catalog takes its attributes from a sidecar CSV or JSON-lines file by id
+(``attributes_file``).
 
 :meth:`Catalog.check` then reads every image once (JPEG, PNG, WebP; colour, gray or
 with alpha; up to :data:`~fashionrec.images.MAX_PIXELS` pixels) with
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .attributes import name_problem, read_sidecar
 from .errors import FashionrecError
 from .ids import check_id, id_problem
 from .images import (  # noqa: F401  (image code lives in .images; names kept here)
@@ -70,6 +75,8 @@ class Catalog:
             catalog came in split folders, else ``None``.
         skipped: ``{"id", "path", "reason"}`` of every listed item left out so far.
         sha256: the image files' SHA-256, once :meth:`check` has read them.
+        attributes: ``{name: values}`` (text or JSON values, one per item; ``""``:
+            missing), or ``None``; typed by :func:`fashionrec.attributes.infer_schema`.
 
     Example:
         >>> cat = Catalog.read("data/demo-catalog/folder")          # doctest: +SKIP
@@ -85,11 +92,13 @@ class Catalog:
     skipped: list = field(default_factory=list)
     sha256: list | None = None
     splits: list | None = None
+    attributes: dict | None = None
 
     def __post_init__(self):
         n = len(self.ids)
         if not len(self.paths) == len(self.labels) == len(self.categories) == n or (
-                self.splits is not None and len(self.splits) != n):
+                self.splits is not None and len(self.splits) != n) or any(
+                len(v) != n for v in (self.attributes or {}).values()):
             raise FashionrecError("catalog columns disagree in length")
 
     def __len__(self):
@@ -99,25 +108,30 @@ class Catalog:
     @classmethod
     def read(cls, path, label_depth=1, label_column="label", id_column="id",
              image_column=None, image_pattern="images/{id}.jpg", category_columns=None,
-             allow_outside=False):
+             allow_outside=False, attribute_columns=None, attributes_file=None):
         """A folder (image-folder layout) or a ``.csv`` file (manifest layout;
         ``allow_outside``: see :meth:`from_csv` and :meth:`from_folder`)."""
         path = Path(path)
         if path.is_dir():
-            return cls.from_folder(path, label_depth, allow_outside)
+            return cls.from_folder(path, label_depth, allow_outside, attributes_file)
         if path.is_file() and path.suffix.lower() == ".csv":
+            if attributes_file:
+                raise FashionrecError("a CSV catalog keeps its attributes in its own "
+                                      "columns (--attributes), not in an attributes file")
             return cls.from_csv(path, label_column, id_column, image_column, image_pattern,
-                                category_columns, allow_outside)
+                                category_columns, allow_outside, attribute_columns)
         if not path.exists():
             raise FashionrecError(f"catalog {path} does not exist")
         raise FashionrecError(f"catalog {path} is neither a folder of images nor a .csv file")
 
     @classmethod
-    def from_folder(cls, root, label_depth=1, allow_outside=False):
+    def from_folder(cls, root, label_depth=1, allow_outside=False, attributes_file=None):
         """Every file below ``root``; class = the first ``label_depth`` folder levels
         (below the split folder, when ``root`` holds ``train/``, ``validation/`` or
         ``val/``, and ``test/``: see :func:`split_folders`). A symbolic link to a file
-        outside ``root`` is skipped unless ``allow_outside``."""
+        outside ``root`` is skipped unless ``allow_outside``. ``attributes_file``: a
+        CSV (an ``id`` column) or JSON-lines file of the products' attributes by id
+        (an id is the image's path below ``root``)."""
         root = Path(root)
         if not root.is_dir():
             raise FashionrecError(f"catalog folder {root} does not exist")
@@ -163,12 +177,17 @@ class Catalog:
             source["allow_outside"] = True
         if split_names:
             source["split_folders"] = split_names
+        attrs = None
+        if attributes_file:
+            attrs = read_sidecar(attributes_file, ids)
+            source["attributes_file"] = str(Path(attributes_file).resolve())
         return cls(ids, paths, labels, categories, source, skipped,
-                   splits=splits if split_names else None)
+                   splits=splits if split_names else None, attributes=attrs)
 
     @classmethod
     def from_csv(cls, csv_path, label_column="label", id_column="id", image_column=None,
-                 image_pattern="images/{id}.jpg", category_columns=None, allow_outside=False):
+                 image_pattern="images/{id}.jpg", category_columns=None, allow_outside=False,
+                 attribute_columns=None):
         """Rows of a CSV manifest; image paths relative to the CSV's folder.
 
         Args:
@@ -182,6 +201,10 @@ class Catalog:
             allow_outside: let rows name images outside the CSV's folder (absolute
                 paths, ``..``, symlinks leading out); by default such rows are skipped,
                 as the service shows every catalog image to anyone who asks.
+            attribute_columns: the columns kept as product attributes (a list or a
+                comma-separated string; ``"none"``: none). Default: every column but
+                the id, image and label ones whose name the filter language can
+                address (the others are listed in ``source["attributes_skipped"]``).
         """
         csv_path = Path(csv_path)
         base = csv_path.parent
@@ -202,11 +225,15 @@ class Catalog:
                         f"{csv_path} has no column {', '.join(map(repr, missing))}; its columns "
                         f"are {', '.join(columns) or '(none)'}")
                 rows = list(reader)
+                attr_names, attrs_skipped = _attribute_columns(
+                    csv_path, columns, attribute_columns,
+                    {id_column, label_column, image_column})
         except FileNotFoundError:
             raise FashionrecError(f"catalog manifest {csv_path} does not exist") from None
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise FashionrecError(f"cannot read catalog manifest {csv_path} ({exc})") from None
         ids, paths, labels, categories, skipped, seen = [], [], [], [], [], set()
+        attrs = {name: [] for name in attr_names}
         inside = None if allow_outside else base.resolve()
         for line, row in enumerate(rows, start=2):
             item_id = (row.get(id_column) or "").strip()
@@ -224,18 +251,24 @@ class Catalog:
             paths.append(path.resolve())
             labels.append(label)
             categories.append("/".join((row.get(c) or "").strip() for c in category_columns))
+            for name in attr_names:
+                attrs[name].append((row.get(name) or "").strip())
         source = {"layout": "csv", "manifest": str(csv_path.resolve()), "id_column": id_column,
                   "label_column": label_column, "image_column": image_column,
                   "image_pattern": None if image_column else image_pattern,
-                  "category_columns": category_columns}
+                  "category_columns": category_columns, "attribute_columns": attr_names}
+        if attrs_skipped:
+            source["attributes_skipped"] = attrs_skipped
         if allow_outside:
             source["allow_outside"] = True
-        return cls(ids, paths, labels, categories, source, skipped)
+        return cls(ids, paths, labels, categories, source, skipped,
+                   attributes=attrs or None)
 
     @classmethod
-    def from_files(cls, paths, ids=None, labels=None, categories=None):
+    def from_files(cls, paths, ids=None, labels=None, categories=None, attributes=None):
         """Loose image files (e.g. new products); ids default to the file names (every
-        id checked by :func:`fashionrec.ids.check_id`)."""
+        id checked by :func:`fashionrec.ids.check_id`); ``attributes``: ``{name:
+        values}``, one value per file."""
         paths = [Path(p) for p in paths]
         ids = [check_id(i) for i in ([p.name for p in paths] if ids is None else ids)]
         labels = [None] * len(paths) if labels is None else list(labels)
@@ -250,7 +283,7 @@ class Catalog:
                 raise FashionrecError(f"image {p} does not exist")
         categories = [lab or "" for lab in labels] if categories is None else list(categories)
         return cls(ids, [p.resolve() for p in paths], labels, categories,
-                   {"layout": "files"}, [])
+                   {"layout": "files"}, [], attributes=attributes)
 
     # ------------------------------------------------------------ checking
     def subset(self, keep):
@@ -261,7 +294,9 @@ class Catalog:
                        labels=pick(self.labels), categories=pick(self.categories),
                        skipped=list(self.skipped),
                        sha256=None if self.sha256 is None else pick(self.sha256),
-                       splits=None if self.splits is None else pick(self.splits))
+                       splits=None if self.splits is None else pick(self.splits),
+                       attributes=None if self.attributes is None else
+                       {k: pick(v) for k, v in self.attributes.items()})
 
     def check(self, min_class_size=1, progress=True, decode=True):
         """Read every image file once; return ``(clean catalog, report)``.
@@ -427,6 +462,28 @@ class CatalogSplit:
                        d.get("holdout"), d.get("seed"))
         except (KeyError, TypeError) as exc:
             raise FashionrecError(f"not a catalog split ({exc})") from None
+
+
+def _attribute_columns(csv_path, columns, wanted, taken):
+    """``(attribute columns, columns left out by default)`` of a CSV with
+    ``columns``; ``taken``: the id, label and image columns."""
+    if isinstance(wanted, str):
+        if wanted.strip().lower() == "none":
+            return [], []
+        wanted = [c.strip() for c in wanted.split(",") if c.strip()]
+    if wanted is not None:
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise FashionrecError(f"{csv_path} has no column {', '.join(map(repr, missing))} "
+                                  f"for --attributes; its columns are {', '.join(columns)}")
+        for c in wanted:
+            if c in taken:
+                raise FashionrecError(f"--attributes: {c!r} is the id, label or image column")
+            if name_problem(c):
+                raise FashionrecError(f"--attributes: {name_problem(c)}")
+        return list(dict.fromkeys(wanted)), []
+    rest = [c for c in columns if c not in taken]
+    return ([c for c in rest if not name_problem(c)], [c for c in rest if name_problem(c)])
 
 
 def _csv_row_problem(item, label, rel, seen, inside, id_column, label_column):

@@ -44,6 +44,9 @@ PRODUCTS = {
     9: ("Footwear", "Boots", "Footwear", "Shoes", "Boots"),
 }
 BRANDS = ("acme", "northwind", "umbra")
+GENDERS = ("Women", "Men", "Unisex")
+COLOURS = ("Black", "White", "Red", "Blue", "Pink", "Green", "Grey")
+SEASONS = ("Spring", "Summer", "Fall", "Winter")
 OUTPUTS = ("folder", "csv", "new")  # the folders a demo catalog writes (and replaces)
 MARKER = ".fashionrec-demo"  # in each of them: only such folders are ever deleted
 FORMATS = ((".jpg", "RGB"), (".png", "L"), (".png", "RGBA"), (".webp", "RGB"), (".jpg", "RGB"))
@@ -116,8 +119,12 @@ def make_demo_catalog(out, per_class=60, n_new=2, seed=0, data_dir=None):
             item_id = str(next_id)
             next_id += 1
             _save(product_photo(x_train[i], rng, "RGB"), out / "csv" / "images" / f"{item_id}.jpg")
-            rows.append({"id": item_id, "gender": "Unisex", "masterCategory": master,
+            n = int(item_id)  # made-up attributes, as a shop's styles.csv has them
+            rows.append({"id": item_id, "gender": GENDERS[n % 3], "masterCategory": master,
                          "subCategory": subcat, "articleType": article,
+                         "baseColour": COLOURS[(n // 3) % len(COLOURS)],
+                         "season": SEASONS[n % 4], "year": 2015 + n % 8,
+                         "price": round(15 + (n * 7.3) % 90, 2), "in_stock": n % 5 != 0,
                          "productDisplayName": f"{BRANDS[next_id % 3].title()} {article} {item_id}"})
         for k, i in enumerate(np.flatnonzero(y_test == label)[:n_new]):  # new products
             path = out / "new" / cat / sub / "newbrand" / f"new-{name}-{k}.jpg"
@@ -130,8 +137,8 @@ def make_demo_catalog(out, per_class=60, n_new=2, seed=0, data_dir=None):
     (folder / "Clothing/README.txt").write_text("photos from the spring shoot\n")
     for k, i in enumerate(np.flatnonzero(y_train == 5)[-2:]):
         _save(product_photo(x_train[i], rng), folder / f"Footwear/Slippers/acme/slippers-{k}.jpg")
-    rows.append({"id": str(next_id), "gender": "Men", "masterCategory": "Footwear",
-                 "subCategory": "Shoes", "articleType": "Boots",
+    rows.append({**rows[-1], "id": str(next_id), "gender": "Men",
+                 "masterCategory": "Footwear", "subCategory": "Shoes", "articleType": "Boots",
                  "productDisplayName": "discontinued, photo lost"})
     (out / "csv/images/10001.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with open(out / "csv" / "styles.csv", "w", newline="") as fh:

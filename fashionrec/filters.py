@@ -254,6 +254,11 @@ def check(tree, schema):
     return tree
 
 
+def names(tree):
+    """The attributes ``tree`` reads, in order of first use."""
+    return list(dict.fromkeys(cond.name for cond in _conditions(tree)))
+
+
 def compile_filter(text, schema):
     """:func:`parse` then :func:`check`."""
     return check(parse(text), schema)

@@ -13,6 +13,8 @@ Layout of ``index.h5`` (no pickle; every array is a plain HDF5 dataset):
 * optional, for showing and filtering results: ``images`` (N, H, W) uint8 (the
   Fashion-MNIST catalog images), ``paths`` (N,) strings (a product's image file),
   ``categories`` (N,) strings (``/``-joined category path)
+* optional: group ``attributes`` (attr ``schema``, JSON ``{name: type}``) with one
+  (N,) dataset per product attribute (:mod:`fashionrec.attributes`)
 
 :class:`~fashionrec.store.IndexStore` makes such a file a *living* index (added
 segments, removed items, compaction, the saved HNSW graph); the search itself is a
@@ -29,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from . import attributes as attrs
 from . import expansion
 from .artifacts import atomic_path, scaler_from_arrays, scaler_to_arrays
 from .errors import FashionrecError
@@ -57,10 +60,14 @@ class CatalogIndex:
             compacted (a legacy run's model needs it).
         images, paths, categories: optional per-item arrays (see the module doc).
         metadata: a JSON-able dict saved with the index.
+        attributes, schema: the products' attribute columns (``{name: (N,) array}``,
+            typed as :func:`fashionrec.attributes.columns` makes them) and their
+            ``{name: type}``; an attribute of ``schema`` not in ``attributes`` is
+            missing for every item.
     """
 
     def __init__(self, vectors, ids, labels, class_names, scaler=None, images=None,
-                 metadata=None, paths=None, categories=None):
+                 metadata=None, paths=None, categories=None, attributes=None, schema=None):
         self.vectors = np.asanyarray(vectors, dtype=np.float32)  # a memory map stays one
         self.ids = _as_ids(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -71,8 +78,15 @@ class CatalogIndex:
         self.categories = None if categories is None else _as_strings(categories)
         self.metadata = dict(metadata or {})
         n = len(self.vectors)
+        self.schema = attrs.check_schema(dict(schema or {}))
+        self.attributes = {name: (np.asarray(attributes[name], dtype=object)
+                                  if kind == "string" else
+                                  np.asarray(attributes[name], dtype=np.float64))
+                           if attributes and name in attributes else attrs.empty(kind, n)
+                           for name, kind in self.schema.items()}
         if any(a is not None and len(a) != n for a in (
-                self.ids, self.labels, self.images, self.paths, self.categories)):
+                self.ids, self.labels, self.images, self.paths, self.categories,
+                *self.attributes.values())):
             raise FashionrecError("index arrays disagree in length")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise FashionrecError("index labels out of range of its class names")
@@ -194,9 +208,11 @@ class CatalogIndex:
                 start += len(r)
             return out
 
+        columns = attrs.gather([(p.schema, p.attributes) for p in parts], first.schema,
+                               rows, sum(map(len, rows)))
         out = cls(gather("vectors"), gather("ids"), gather("labels"), first.class_names,
                   first.scaler, gather("images"), first.metadata,
-                  gather("paths", ""), gather("categories", ""))
+                  gather("paths", ""), gather("categories", ""), columns, first.schema)
         out.query_expansion = first.query_expansion
         return out
 
@@ -228,6 +244,7 @@ class CatalogIndex:
                 for name in ("paths", "categories"):
                     if getattr(self, name) is not None:
                         f.create_dataset(name, data=getattr(self, name), dtype=strings)
+                attrs.save(f, self.schema, self.attributes)
         return Path(path)
 
     @classmethod
@@ -241,11 +258,13 @@ class CatalogIndex:
                       if "scaler" in f else None)
             strings = {name: _as_strings(f[name]) if name in f else None
                        for name in ("paths", "categories")}
+            schema, columns = attrs.load(f)
             index = cls(
                 _vectors(fh, f["vectors"], mmap), _read_ids(f), f["labels"][:],
                 _as_strings(f["class_names"]), scaler,
                 f["images"][:] if "images" in f else None,
-                json.loads(f.attrs.get("metadata", "{}")), **strings,
+                json.loads(f.attrs.get("metadata", "{}")), **strings, attributes=columns,
+                schema=schema,
             )
             index.base_id = base_id_of(f)
             return index

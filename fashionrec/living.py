@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import attributes as attrs
 from . import expansion, images
 from .catalog import Catalog
 from .config import RunConfig
@@ -65,6 +66,7 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
                               f"({len(catalog.skipped)} skipped{': ' * bool(detail)}{detail})")
     for item_id in catalog.ids:  # bad ids and ids of the wrong kind stop us before any work
         _check_new_id(state.metadata, index.parse_id(check_id(item_id)))
+    given = _attributes(catalog, index.schema, say)  # ... and so do unfit attribute values
     # a catalog run decodes each new image once, in the extractor
     clean, report = catalog.check(min_class_size=1, progress=progress,
                                   decode=kind != "catalog")
@@ -96,12 +98,30 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
                                                                strict=True)]
     state.store(lock_wait).add(CatalogIndex(
         vectors, ids, labels, names, None, stored, paths=[str(p) for p in clean.paths],
-        categories=clean.categories))
+        categories=clean.categories, schema=index.schema, attributes=attrs.columns(
+            index.schema, {k: v for k, v in (clean.attributes or {}).items() if k in given},
+            len(clean))))
     result.update(n_added=len(ids), added=[
         {"id": i, "class": names[lab], "class_from": "catalog" if given is not None
          else "predicted"} for i, lab, given in zip(ids, labels, clean.labels, strict=True)])
     say(f"add: {len(ids)} product(s) added, {len(skipped)} skipped")
     return result
+
+
+def _attributes(catalog, schema, say):
+    """The attributes ``catalog``'s products give that the run's ``schema`` has, each
+    value checked (a value that does not fit stops the add, naming the product); a
+    column the schema lacks is left out (said), one given by hand is an error."""
+    raw = catalog.attributes or {}
+    if catalog.source.get("layout") == "files":  # --attr / the API: every name must exist
+        attrs.given(schema, {k: None for k in raw})
+    extra = [k for k in raw if k not in schema]
+    if extra:
+        say(f"add: column(s) {', '.join(extra)} are not attributes of this run's catalog "
+            f"(it has: {', '.join(schema) or 'none'}); left out")
+    kept = {k: v for k, v in raw.items() if k in schema}
+    attrs.columns(schema, kept, len(catalog), catalog.ids)
+    return set(kept)
 
 
 def _usable(clean, index, names, skipped):

@@ -74,6 +74,7 @@ class Loaded:
         meta, index = self.metadata, self.index
         search = meta.get("search") or {"backend": "exact"}
         return {"items": len(index), "classes": list(index.class_names),
+                "attributes": dict(index.schema),
                 "run": {"run_id": meta["run_id"], "dataset": meta["dataset"].get("name"),
                         "kind": meta["dataset"].get("kind"),
                         "backbone": self.embedder.info.describe(public=True),
@@ -313,4 +314,5 @@ def reembed(embedder, class_names, rows, say=None, joining=None, dba=None):
     labels = [class_names.index(n) if n in class_names else int(p.argmax())
               for n, p in zip(old_names, probs, strict=True)]
     return CatalogIndex(vectors, rows.ids, labels, class_names, None, rows.images,
-                        {"run_id": None}, rows.paths, rows.categories)
+                        {"run_id": None}, rows.paths, rows.categories, rows.attributes,
+                        rows.schema)  # the new catalog keeps the attributes its schema has

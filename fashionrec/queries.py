@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
+from . import attributes as attrs
+from . import filters, images
 from .catalog import category_matches
 from .errors import FashionrecError
 from .results import Item, Recommendation
@@ -57,7 +58,7 @@ def prepare(query, embedder, image_shape, test_images):
 
 def answer(embedder, index, requests, image_shape, test_images):
     """Recommendations for image queries (dicts with ``query`` and optionally ``k``,
-    ``same_class``, ``category``) with one backbone call; a bad request gets its
+    ``same_class``, ``category``, ``where``) with one backbone call; a bad request gets its
     :class:`FashionrecError` in its place."""
     names = index.class_names
     results, prepared = [None] * len(requests), []
@@ -81,7 +82,7 @@ def answer(embedder, index, requests, image_shape, test_images):
         try:
             results[i] = nearest(index, names, info, vector[None], pred, own, views[0],
                                  req.get("k", 6), req.get("same_class", False),
-                                 req.get("category"))
+                                 req.get("category"), req.get("where"))
         except FashionrecError as exc:
             results[i] = exc
     return results
@@ -97,15 +98,20 @@ def item_query(index, class_names, item):
             "true_class": class_names[label], "category": index.category_of(row)}
     if index.paths is not None and index.paths[row]:
         info["path"] = index.paths[row]
+    if index.schema:
+        info["attributes"] = attrs.row(index.schema, index.attributes, row)
     return info, row
 
 
 def nearest(index, class_names, info, vector, query_class, own_row, image, k,
-            same_class=False, category=None):
+            same_class=False, category=None, where=None):
     """The ``k`` items of ``index`` nearest to ``vector`` (the query's own row
-    ``own_row`` never), filtered by class and category: a Recommendation."""
+    ``own_row`` never), filtered by class, category and ``where`` (a
+    :mod:`fashionrec.filters` condition on the products' attributes): a
+    Recommendation of exactly ``k`` items whenever ``k`` items match."""
     allowed = None
-    if same_class or category is not None:
+    tree = None if where is None else filters.compile_filter(where, index.schema)
+    if same_class or category is not None or tree is not None:
         mask = np.ones(len(index), dtype=bool)
         wanted = []
         if same_class:
@@ -114,6 +120,10 @@ def nearest(index, class_names, info, vector, query_class, own_row, image, k,
         if category is not None:
             mask &= category_mask(index, category)
             wanted.append(f"category {category}")
+        if tree is not None:
+            mask &= filters.mask(tree, index.attributes, len(index))
+            wanted.append(where.strip())
+            info["where"] = where.strip()
         if own_row is not None:
             mask[own_row] = False
         allowed = np.flatnonzero(mask)
@@ -139,7 +149,8 @@ def item_at(index, class_names, rank, row, distance):
                 distance=float(distance),
                 category=index.category_of(row) if index.categories is not None else None,
                 path=str(index.paths[row]) if index.paths is not None and index.paths[row]
-                else None)
+                else None, attributes=attrs.row(index.schema, index.attributes, row)
+                if index.schema else None)
 
 
 def _plain(index, row):
@@ -175,9 +186,9 @@ def category_mask(index, wanted):
     return category_matches(distinct, wanted)[inverse.reshape(-1)]
 
 
-def browse(index, offset=0, limit=24, class_name=None, category=None):
+def browse(index, offset=0, limit=24, class_name=None, category=None, where=None):
     """``(total, items)`` of the catalog's items of ``class_name`` in ``category``
-    (vectorised masks), ``limit`` of them from ``offset``."""
+    matching ``where`` (vectorised masks), ``limit`` of them from ``offset``."""
     mask = np.ones(len(index), dtype=bool)
     if class_name:
         if class_name not in index.class_names:
@@ -185,6 +196,9 @@ def browse(index, offset=0, limit=24, class_name=None, category=None):
         mask &= index.labels == index.class_names.index(class_name)
     if category and category.strip():
         mask &= category_mask(index, category.strip())
+    if where is not None:
+        mask &= filters.mask(filters.compile_filter(where, index.schema), index.attributes,
+                             len(index))
     rows = np.flatnonzero(mask)
     return int(len(rows)), [item_at(index, index.class_names, 0, r, 0.0)
                             for r in rows[offset:offset + limit]]

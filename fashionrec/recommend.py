@@ -215,10 +215,10 @@ class Recommender:
         row = queries.item_query(index, index.class_names, item_id)[1]
         return queries.item_at(index, index.class_names, 0, row, 0.0)
 
-    def browse(self, offset=0, limit=24, class_name=None, category=None):
-        """``(total, items)``: the catalog's items (of a class, in a category) from
-        ``offset``, at most ``limit`` of them, in catalog order."""
-        return queries.browse(self.index_, offset, limit, class_name, category)
+    def browse(self, offset=0, limit=24, class_name=None, category=None, where=None):
+        """``(total, items)``: the catalog's items (of a class, in a category, matching
+        ``where``) from ``offset``, at most ``limit`` of them, in catalog order."""
+        return queries.browse(self.index_, offset, limit, class_name, category, where)
 
     def stats(self):
         """What is served: items, classes, the run, its catalog and search (no paths)."""
@@ -231,18 +231,18 @@ class Recommender:
 
     # ------------------------------------------------------------ recommend
     def recommend(self, query=None, k=6, *, item=None, same_class=False, category=None,
-                  with_image=True):
+                  where=None, with_image=True):
         """The ``k`` catalog items nearest to a query: a test index (Fashion-MNIST), an
         image path, image bytes or an image array; or ``item``, a catalog item's id.
-        ``same_class`` and ``category`` filter; a query in the catalog never gets itself
-        back; one catalog snapshot answers the whole query."""
+        ``same_class``, ``category``, ``where`` (:mod:`fashionrec.filters`) filter; a
+        catalog query never gets itself back; one catalog snapshot answers it all."""
         self._held()
         queries.check_k(k)
         if (query is None) == (item is None):
             raise FashionrecError("give either a query (test index, image) or an item id")
         if item is None:
             result = self.recommend_batch([dict(query=query, k=k, same_class=same_class,
-                                                category=category)])[0]
+                                                category=category, where=where)])[0]
             if isinstance(result, FashionrecError):
                 raise result
             return result
@@ -251,7 +251,7 @@ class Recommender:
         return queries.nearest(index, index.class_names, info, index.vectors[row:row + 1],
                                info["true_label"], row,
                                self.item_image(item, index) if with_image else None, k,
-                               same_class, category)
+                               same_class, category, where)
 
     def recommend_batch(self, requests):
         """Recommendations for several image queries with one backbone call; a bad

@@ -18,6 +18,7 @@ class Item:
     distance: float
     category: str | None = None
     path: str | None = None  # the product's image file, for file catalogs
+    attributes: dict | None = None  # the product's attributes (fashionrec.attributes)
 
 
 @dataclass
@@ -49,8 +50,31 @@ class Recommendation:
         id_title = "catalog idx" if all(isinstance(i.id, int) for i in self.items) else "item id"
         width = max([len(id_title)] + [len(str(i.id)) for i in self.items])
         cwidth = max([12] + [len(i.class_name) for i in self.items])
-        lines = [head, f"{'rank':>4}  {id_title:>{width}}  {'class':<{cwidth}}  {'distance':>9}"]
+        shown = self.shown_attributes()
+        widths = [max([len(a)] + [len(_cell(i, a)) for i in self.items]) for a in shown]
+        extra = "".join(f"  {a:<{w}}" for a, w in zip(shown, widths, strict=True))
+        lines = [head, f"{'rank':>4}  {id_title:>{width}}  {'class':<{cwidth}}  "
+                       f"{'distance':>9}{extra}"]
         for it in self.items:
+            cells = "".join(f"  {_cell(it, a):<{w}}" for a, w in zip(shown, widths,
+                                                                       strict=True))
             lines.append(f"{it.rank:>4}  {it.id!s:>{width}}  {it.class_name:<{cwidth}}  "
-                         f"{it.distance:>9.4f}")
+                         f"{it.distance:>9.4f}{cells}".rstrip())
         return "\n".join(lines)
+
+    def shown_attributes(self):
+        """The attributes a table shows: the product's name (when the catalog has one)
+        and those the query's filter reads."""
+        from .attributes import NAME_ATTRIBUTES
+        from .filters import names, parse
+
+        present = {k for i in self.items for k in (i.attributes or {})}
+        name = [n for n in NAME_ATTRIBUTES if n in present][:1]
+        used = names(parse(self.query["where"])) if self.query.get("where") else []
+        return list(dict.fromkeys(name + [a for a in used if a in present]))
+
+
+def _cell(item, name, width=40):
+    value = (item.attributes or {}).get(name)
+    text = "" if value is None else str(value)
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__, expansion, search
+from . import attributes as attrs
 from .artifacts import now_iso, package_versions, peak_rss_mb
 from .catalog import CatalogSplit, assign_splits, format_report
 from .config import RunConfig
@@ -230,7 +231,8 @@ def train_catalog(config, catalog, min_class_size=5, holdout=None, cache_dir=Non
         "split": split.summary(len(clean)), "catalog": "every readable image of the catalog"}
     trained = _finish(cfg, embedder, dataset_meta, scores,
                       dict(vectors=vectors, ids=clean.ids, labels=y, class_names=class_names,
-                           paths=[str(p) for p in clean.paths], categories=clean.categories),
+                           paths=[str(p) for p in clean.paths], categories=clean.categories,
+                           **_attribute_columns(clean, say)),
                       timings, t0, t, progress, say)
     trained.report, trained.split = report, split
     if tuned is not None:
@@ -302,6 +304,17 @@ def _say_scores(cfg, scores, val, held, say):
             f"{scores['head_heldout_accuracy']:.4f}")
 
 
+def _attribute_columns(catalog, say):
+    """``{"schema", "attributes"}`` of a (clean) catalog's products: each attribute's
+    type inferred from its values."""
+    if not catalog.attributes:
+        return {}
+    schema = attrs.infer_schema(catalog.attributes)
+    say("attributes: " + ", ".join(f"{k} ({v})" for k, v in schema.items()))
+    return {"schema": schema, "attributes": attrs.columns(schema, catalog.attributes,
+                                                          len(catalog), catalog.ids)}
+
+
 def _finish(cfg, embedder, dataset_meta, scores, rows, timings, t0, t, progress, say):
     """The run's record and its catalog index with its search back-end."""
     run_id = uuid.uuid4().hex
@@ -319,6 +332,8 @@ def _finish(cfg, embedder, dataset_meta, scores, rows, timings, t0, t, progress,
         rows["vectors"] = expansion.augment_catalog(
             rows["vectors"], search.build(spec, rows["vectors"], progress=progress), spec["dba"])
     index = CatalogIndex(**rows, metadata={"run_id": run_id})
+    if index.schema:  # the products' attributes and their types (filters check them)
+        metadata["attributes"] = index.schema
     if spec["backend"] != "exact":
         say(f"index: building the {spec['backend']} graph over {len(index)} items")
     index.backend = search.build(spec, index.vectors, progress=progress)

@@ -131,3 +131,49 @@ def make_split_catalog(root, counts=None, val_name="validation", seed=2):
                 _save(draw_product(shape, colour, rng, SIZES[k % len(SIZES)]), path)
                 ids.setdefault(split, []).append(path.relative_to(root).as_posix())
     return ids
+
+
+GENDERS = ("Women", "Men")
+COLOURS = ("Red", "Pink", "Blue", "Black")
+SEASONS = ("Summer", "Winter", "Fall")
+USAGES = ("Casual", "Formal")
+# the schema the CSV below must give (its columns' values, read by a person)
+EXPECTED_SCHEMA = {"gender": "string", "baseColour": "string", "season": "string",
+                   "year": "integer", "usage": "string", "price": "float",
+                   "in_stock": "boolean", "name": "string"}
+
+
+def make_styles(root, n_per_class=10, seed=3):
+    """``root/styles.csv`` (id, articleType, gender, baseColour, season, year, usage,
+    price, in_stock, name) beside ``root/images/<id>.jpg``; returns the rows."""
+    rng = np.random.default_rng(seed)
+    rows, next_id = [], 100
+    for cls, (shape, colour) in CLASSES.items():
+        for k in range(n_per_class):
+            item_id = str(next_id)
+            next_id += 1
+            path = root / "images" / f"{item_id}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_product(shape, colour, rng, (48, 48)).save(path, quality=90)
+            rows.append({"id": item_id, "articleType": cls.split("/")[1],
+                         "gender": GENDERS[k % 2], "baseColour": COLOURS[k % 4],
+                         "season": SEASONS[k % 3], "year": str(2010 + k),
+                         "usage": USAGES[(k // 2) % 2],
+                         # one price missing: an empty cell is a missing value
+                         "price": "" if k == 9 else f"{20 + 7.5 * k:.2f}",
+                         "in_stock": "true" if k % 3 else "false",
+                         "name": f"{cls.split('/')[1]} no. {k}"})
+    with open(root / "styles.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def matches(row, gender=None, max_price=None, colours=None):
+    """The test's own reading of a filter, on the CSV's text."""
+    if gender is not None and row["gender"] != gender:
+        return False
+    if max_price is not None and not (row["price"] and float(row["price"]) < max_price):
+        return False
+    return colours is None or row["baseColour"] in colours

@@ -246,7 +246,12 @@ def test_csv_catalog_through_the_cli(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["query"]["id"] == "1003" and data["query"]["category"] == "Shoes/Boots"
     assert [set(i) for i in data["items"]] == [
-        {"rank", "id", "label", "class_name", "distance", "category", "path"}] * 4
+        {"rank", "id", "label", "class_name", "distance", "category", "path",
+         "attributes"}] * 4
+    # the CSV's other columns are the products' attributes
+    assert {i["attributes"]["productDisplayName"].split(",")[0] for i in data["items"]} \
+        <= {"Boots", "Sandals", "Totes"}
+    assert set(data["items"][0]["attributes"]) == {"masterCategory", "productDisplayName"}
     assert "1003" not in [i["id"] for i in data["items"]]
     assert (run / "plots/recommend-item-1003.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -254,7 +259,7 @@ def test_csv_catalog_through_the_cli(tmp_path, capsys):
                  "Bags", "-k", "3"]) == 0
     text = capsys.readouterr().out
     assert "only: category Bags (8 candidates)" in text
-    assert text.count("Totes") == 3
+    assert [line.split()[2] for line in text.splitlines()[3:6]] == ["Totes"] * 3
 
     img = new_image(tmp_path, "new.png", "Bags/Totes")
     assert main(["add", "--run-dir", str(run), "--image", str(img), "--id", "5000",

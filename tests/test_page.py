@@ -36,7 +36,28 @@ def free_port():
 @pytest.fixture
 def server(trained_run, tmp_path):
     _, run_dir = trained_run
-    run = tmp_path / "run"
+    yield from serve(run_dir, tmp_path / "run")
+
+
+@pytest.fixture
+def styles_server(tmp_path):
+    """A styles.csv catalog with attributes (names, gender, price, ...), trained and
+    served."""
+    from catalogs import make_styles
+
+    from fashionrec.cli import main
+
+    rows = make_styles(tmp_path / "styles", n_per_class=8)
+    assert main(["train", "--catalog", str(tmp_path / "styles/styles.csv"), "--label-column",
+                 "articleType", "--image-size", "32", "--weights", "none", "--epochs", "2",
+                 "--run-dir", str(tmp_path / "trained"), "--no-progress"]) == 0
+    for url, run in serve(tmp_path / "trained", tmp_path / "run"):
+        yield url, run, rows
+
+
+def serve(run_dir, run):
+    """``fashionrec serve`` of a copy of ``run_dir`` on 127.0.0.1: yields ``(url, run)``
+    once ready, then stops it cleanly."""
     shutil.copytree(run_dir, run)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
@@ -149,3 +170,38 @@ def test_the_page_searches_uploads_and_browses(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(
         lambda d: d.find_element(By.ID, "error").is_displayed()
         and "not in the catalog" in d.find_element(By.ID, "error").text)
+
+
+def test_the_page_filters_by_attributes_and_shows_names(styles_server, browser):
+    url, run, rows = styles_server
+    from fashionrec import Recommender
+
+    where = 'gender == "Women" and price < 50'
+    expected = Recommender.load(run).recommend(item="103", k=4, where=where).items
+    browser.get(url + "/#item=103")
+    field = browser.find_element(By.ID, "where")
+    WebDriverWait(browser, 60).until(lambda d: field.is_displayed())  # the catalog has attributes
+    k_box = browser.find_element(By.ID, "k")
+    k_box.clear()
+    k_box.send_keys("4")
+    field.send_keys(where)
+    browser.find_element(By.ID, "find").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: "Filter: " + where in d.find_element(By.ID, "query").text)
+    wait_for_results(browser, 4)
+    assert card_ids(browser) == [i.id for i in expected]
+    by_id = {r["id"]: r for r in rows}
+    names = browser.execute_script(
+        "return [...document.querySelectorAll('#grid .card .card-name')].map(e => e.textContent)")
+    assert names == [by_id[i.id]["name"] for i in expected]  # the product's name as title
+    lists = [c.find_element(By.CSS_SELECTOR, ".card-attrs").text.splitlines()
+             for c in cards(browser)]
+    for lines, item in zip(lists, expected, strict=True):  # the filter's attributes first
+        assert lines[:2] == ["gender: Women", f"price: {float(by_id[item.id]['price']):g}"]
+    if os.environ.get("FASHIONREC_SCREENSHOT_FILTER"):
+        browser.save_screenshot(os.environ["FASHIONREC_SCREENSHOT_FILTER"])
+    field.clear()
+    field.send_keys("colour == \"Red\"")
+    browser.find_element(By.ID, "find").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: "unknown attribute 'colour'" in d.find_element(By.ID, "error").text)

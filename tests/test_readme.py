@@ -1,5 +1,6 @@
 """The library examples in README.md run as written."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
 
 def test_readme_catalog_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
     monkeypatch.chdir(tmp_path)
-    exec(compile(_example("fit_catalog"), "README.md", "exec"), {})
+    exec(compile(_example("format_report(rec.report_)"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "catalog: 120 of 125 items usable, 5 skipped, 10 classes" in out
     assert "query: catalog item Footwear/Boots/acme/boots-0000.jpg" in out
@@ -32,3 +33,15 @@ def test_readme_catalog_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
     from fashionrec import RunDir
 
     assert RunDir(tmp_path / "runs" / "shop").current().index_manifest.is_file()
+
+
+def test_readme_attributes_example_runs(tmp_path, monkeypatch, capsys, fmnist_dir):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_example("where="), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    schema = ast.literal_eval(out[0])  # the printed dict
+    assert schema["price"] == "float" and schema["in_stock"] == "boolean"
+    assert schema["year"] == "integer" and schema["gender"] == "string"
+    assert out[2] == 'only: gender == "Women" and price < 60 (' + out[2].split("(")[1]
+    assert out[3].split()[-3:] == ["productDisplayName", "gender", "price"]
+    assert all(" Women " in line for line in out[4:7]) and len(out) == 7

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from .. import attributes
 from ..artifacts import read_json, write_json
 from ..catalog import Catalog, format_skipped
 from ..config import RunConfig
@@ -78,7 +79,8 @@ def cmd_train(args):
 def _check_train_options(args, catalog):
     """Options of the other kind of run are a mistake, not something to ignore."""
     if not catalog:
-        given = [f"--{k.replace('_', '-')}" for k, v in CATALOG_OPTIONS.items()
+        flag = {"attribute_columns": "attributes"}
+        given = [f"--{flag.get(k, k).replace('_', '-')}" for k, v in CATALOG_OPTIONS.items()
                  if getattr(args, k) != v]
         if given:
             raise FashionrecError(f"{', '.join(given)} appl(ies) only with --catalog")
@@ -177,7 +179,8 @@ def cmd_recommend(args):
     from ..plots import plot_recommendation
 
     rec = Recommender.load(args.run_dir)
-    filters = dict(k=args.k, same_class=args.same_class, category=args.category)
+    filters = dict(k=args.k, same_class=args.same_class, category=args.category,
+                   where=args.where)
     if args.item is not None:
         result = rec.recommend(item=args.item, **filters)
         name = f"item-{_slug(args.item)}"
@@ -202,15 +205,19 @@ def cmd_add(args):
         raise FashionrecError("--id names a single --image")
     if args.allow_outside and args.catalog is None:
         raise FashionrecError("--allow-outside applies to a --catalog")
+    if args.attr and args.catalog is not None:
+        raise FashionrecError("--attr applies to --image; a catalog has its own attributes")
     rec = Recommender.load(args.run_dir)
     if args.catalog is not None:
         if args.label is not None:
             raise FashionrecError("--label applies to --image; a catalog has its own classes")
         catalog = rec.read_catalog(args.catalog, **_catalog_kwargs(args))
     else:
+        given = attributes.parse_assignments(args.attr)
         catalog = Catalog.from_files(
             args.image, ids=None if args.id is None else [args.id],
-            labels=None if args.label is None else [args.label] * len(args.image))
+            labels=None if args.label is None else [args.label] * len(args.image),
+            attributes={k: [v] * len(args.image) for k, v in given.items()} or None)
     report = rec.add(catalog, progress=not args.no_progress,
                      log=None if args.json else print)
     if rec.refresh_error:

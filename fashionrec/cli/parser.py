@@ -26,11 +26,12 @@ SEARCH_NAMES = ("search", "hnsw_min_items", "hnsw_m", "hnsw_ef_construction",
                 "hnsw_ef_search", "qe_k", "qe_alpha")
 DBA_NAMES = ("dba_k", "dba_alpha")  # chosen at training: they decide the stored vectors
 CATALOG_LAYOUT = ("label_depth", "label_column", "id_column", "image_column",
-                  "image_pattern", "category_columns", "allow_outside")
+                  "image_pattern", "category_columns", "allow_outside", "attribute_columns",
+                  "attributes_file")
 CATALOG_OPTIONS = {"label_depth": 1, "label_column": "label", "id_column": "id",
                    "image_column": None, "image_pattern": "images/{id}.jpg",
                    "category_columns": None, "allow_outside": False,
-                   "min_class_size": 5, "holdout": None,
+                   "attribute_columns": None, "attributes_file": None, "min_class_size": 5, "holdout": None,
                    "image_fit": None, "flip": None, "train_on": "train"}
 _FIELDS = RunConfig.__dataclass_fields__
 _RUN = RunDir("RUN_DIR")  # the run folder's paths as help texts name them
@@ -161,6 +162,10 @@ def _recommend(sub):
     r.add_argument("--category", default=None,
                    help="only items whose category path contains this, e.g. Boots or "
                         "Shoes/Boots")
+    r.add_argument("--where", default=None, metavar="FILTER",
+                   help="only items whose attributes match, e.g. 'gender == \"Women\" and "
+                        "price < 50 and baseColour in [\"Red\", \"Pink\"]' (==, !=, <, <=, "
+                        ">, >=, in [..], and, or, not, parentheses)")
     _run_dir_option(r)
     r.add_argument("--out", default=None,
                    help=f"PNG to write (default: {_RUN.plot('recommend-<query>')})")
@@ -179,6 +184,9 @@ def _add(sub):
     a.add_argument("--id", default=None, help="the id of a single --image (default: its name)")
     a.add_argument("--label", default=None,
                    help="the class of the --image products (default: the head's prediction)")
+    a.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attribute of the --image products (repeatable), e.g. --attr "
+                        "price=39.5 --attr gender=Women; the run's attribute schema applies")
     _catalog_options(a, defaults=False)
     _run_dir_option(a)
     a.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -434,6 +442,15 @@ def _catalog_options(group, defaults=True):
     group.add_argument("--category-columns", default=None,
                        help="CSV: comma-separated columns joined into the category path "
                             "(default: the label column)")
+    group.add_argument("--attributes", dest="attribute_columns", default=None,
+                       metavar="COLS",
+                       help="CSV: comma-separated columns kept as product attributes, "
+                            "'none' for none (default: every column but the id, label and "
+                            "image ones)")
+    group.add_argument("--attributes-file", default=None, metavar="FILE",
+                       help="folder: a CSV (with an id column) or JSON-lines file of the "
+                            "products' attributes by id (an id is the image's path below "
+                            "the folder)")
     group.add_argument("--allow-outside", action="store_true",
                        help="let a catalog name images outside its folder (a CSV's "
                             "absolute paths, .. and symlinks leading out; a folder's "

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
+from .. import filters
 from ..errors import FashionrecError
 from ..rundir import StaleVersion
 from .pictures import DisplayCache
@@ -82,6 +83,18 @@ class Context:
             raise ApiError(422, f"k must be at most {self.settings.max_k}, got {k}")
         return None if category is None or not category.strip() else category.strip()
 
+    @staticmethod
+    def where_filter(rec, where):
+        """The attribute filter to apply (``None``: none), checked against the served
+        catalog's schema: 422 naming the problem (before any photo is read)."""
+        if where is None or not where.strip():
+            return None
+        try:
+            filters.compile_filter(where, rec.index_.schema)
+        except FashionrecError as exc:
+            raise ApiError(422, f"where: {exc}") from None
+        return where.strip()
+
     def write(self, write, status):
         """``write(rec)`` with the served recommender, under the service's write lock
         (taken first: the recommender is the one served when the write runs), then the
@@ -121,6 +134,8 @@ def item_json(item):
     out = {"id": item.id, "label": item.label, "class_name": item.class_name}
     if item.category:
         out["category"] = item.category
+    if item.attributes:
+        out["attributes"] = item.attributes
     out["image_url"] = image_url(item.id)
     return out
 

@@ -29,6 +29,7 @@ class Ready(_Open):
 class Stats(_Open):
     items: int
     classes: list[str]
+    attributes: dict[str, str] = {}  # the products' attributes: {name: type}
     run: dict[str, Any]
     index: dict[str, Any]
 
@@ -38,6 +39,7 @@ class Item(_Open):
     label: int
     class_name: str
     category: str | None = None
+    attributes: dict[str, Any] | None = None  # the product's (fashionrec.attributes)
     image_url: str
 
 

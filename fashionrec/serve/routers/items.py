@@ -4,6 +4,7 @@ remove products (writes: they need the API key)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -29,9 +30,13 @@ def _item(rec, item_id):
 @router.get("/api/items", summary="Browse the catalog", response_model=Page)
 def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500),
           class_name: str | None = Query(None, alias="class"),
-          category: str | None = None):
+          category: str | None = None,
+          where: str | None = Query(None, description="a filter on the products' "
+                                    "attributes, e.g. price < 50 and gender == \"Women\"")):
+    rec = ctx.rec()
+    where = ctx.where_filter(rec, where)
     try:
-        total, found = ctx.rec().browse(offset, limit, class_name, category)
+        total, found = rec.browse(offset, limit, class_name, category, where)
     except FashionrecError as exc:
         raise ApiError(422, str(exc)) from None
     return {"total": total, "offset": offset, "limit": limit,
@@ -41,13 +46,14 @@ def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, l
 @router.get("/api/items/{item_id:path}/similar", summary="Items similar to a catalog item",
             response_model=Similar)
 def similar_to_item(ctx: Ctx, item_id: str, k: int = Query(6, ge=1), same_class: bool = False,
-                    category: str | None = None):
+                    category: str | None = None, where: str | None = None):
     rec = ctx.rec()
     category = ctx.category_filter(k, category)
+    where = ctx.where_filter(rec, where)
     _item(rec, item_id)
     try:
         result = rec.recommend(item=item_id, k=k, same_class=same_class, category=category,
-                               with_image=False)
+                               where=where, with_image=False)
     except FashionrecError as exc:
         raise ApiError(422, str(exc)) from None
     return result_json(result)
@@ -85,7 +91,10 @@ _LIST = {"type": "array", "items": {"type": "string"}}
 _ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["images"],
     "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                   "ids": _LIST, "labels": _LIST}}}}}}
+                   "ids": _LIST, "labels": _LIST,
+                   "attributes": {"type": "string", "description": (
+                       "JSON: one object of attributes for every image, or a list of one "
+                       "object per image; or form fields attr.<name>")}}}}}}}
 
 
 @router.post("/api/items", summary="Add products: photos, ids, optional labels "
@@ -96,11 +105,12 @@ async def add_items(ctx: Ctx, request: Request):
     ctx.rec(reload=False)  # 503 while starting
     async with request.form() as form:
         images, ids, labels = _add_form(form)
+        given = _attributes_form(form, len(images))
         batch = ctx.uploads.batch()
         try:
             for upload in images:
                 await batch.save(upload)
-            catalog = _catalog(batch, ids, labels)
+            catalog = _catalog(batch, ids, labels, given)
             report, rec = await asyncio.get_running_loop().run_in_executor(
                 None, ctx.write, lambda rec: rec.add(catalog, progress=False, log=None), 422)
             added = {str(a["id"]) for a in report["added"]}
@@ -120,14 +130,47 @@ async def add_items(ctx: Ctx, request: Request):
     return {**report, "skipped": skipped, "items": n_items(rec)}
 
 
-def _catalog(batch, ids, labels):
+def _catalog(batch, ids, labels, given=None):
     """The saved files as a :class:`~fashionrec.catalog.Catalog`; ids default to the
     client's file names (without extension); 422 when it cannot be one."""
     try:
         return Catalog.from_files(batch.paths, labels=labels,
-                                  ids=ids or [Path(name).stem for name in batch.names])
+                                  ids=ids or [Path(name).stem for name in batch.names],
+                                  attributes=given)
     except FashionrecError as exc:
         raise ApiError(422, str(exc)) from None
+
+
+def _attributes_form(form, n):
+    """``{name: one value per image}`` from an add request's ``attributes`` JSON part
+    (an object for every image, or a list of one object per image) and its
+    ``attr.<name>`` fields (one value for all, or one per image); ``None`` if none."""
+    out = {}
+    text = form.getlist("attributes")
+    if len(text) > 1 or (text and not isinstance(text[0], str)):
+        raise ApiError(422, "attributes: give one JSON text part")
+    if text:
+        try:
+            value = json.loads(text[0])
+        except ValueError as exc:
+            raise ApiError(422, f"attributes: not JSON ({exc})") from None
+        rows = [value] * n if isinstance(value, dict) else value
+        if not isinstance(rows, list) or len(rows) != n or not all(
+                isinstance(r, dict) for r in rows):
+            raise ApiError(422, f"attributes: one JSON object for all images, or a list "
+                                f"of {n} objects (one per image)")
+        for name in dict.fromkeys(k for r in rows for k in r):
+            out[name] = [r.get(name) for r in rows]
+    for key in dict.fromkeys(k for k in form if k.startswith("attr.")):
+        values = form.getlist(key)
+        if not all(isinstance(v, str) for v in values) or len(values) not in (1, n):
+            raise ApiError(422, f"{key}: give text, one value for all images or one per "
+                                f"image")
+        out[key[5:]] = values * n if len(values) == 1 else values
+    for name, values in out.items():
+        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            raise ApiError(422, f"attributes: {name} takes a string, number or boolean")
+    return out or None
 
 
 def _add_form(form):

@@ -34,18 +34,20 @@ _TOO_LARGE = ("more pixels than the limit", "is more than the limit of")
 async def similar_to_photo(ctx: Ctx, request: Request, image: Annotated[UploadFile, File()],
                            k: Annotated[int, Form(ge=1)] = 6,
                            same_class: Annotated[bool, Form()] = False,
-                           category: Annotated[str | None, Form()] = None):
-    ctx.rec(reload=False)
+                           category: Annotated[str | None, Form()] = None,
+                           where: Annotated[str | None, Form()] = None):
+    rec = ctx.rec(reload=False)
     if ctx.watcher.photo_error:
         raise ApiError(503, UNAVAILABLE)
     category = ctx.category_filter(k, category)
+    where = ctx.where_filter(rec, where)
     data = await image.read()
     if not data:
         raise ApiError(400, "the uploaded image is empty")
     check_pixels(data, ctx.settings.max_pixels)
     try:
         future = ctx.batcher.submit({"query": data, "k": k, "same_class": same_class,
-                                     "category": category})
+                                     "category": category, "where": where})
     except QueueFull as exc:
         raise ApiError(503, f"the service is busy: {exc}; try again in {RETRY_AFTER_S} s",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None

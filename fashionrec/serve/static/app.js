@@ -35,7 +35,8 @@ function options() {
   if (raw === "" || !Number.isInteger(k) || k < 1 || k > 100) {
     throw new UserError("k must be a whole number from 1 to 100.");
   }
-  return { k, sameClass: $("same-class").checked, category: $("category").value.trim() };
+  return { k, sameClass: $("same-class").checked, category: $("category").value.trim(),
+           where: $("where").value.trim() };
 }
 
 // fetch + JSON; every failure becomes one sentence for the error box.
@@ -117,6 +118,8 @@ function renderQuery(query) {
   } else {
     info.append(el("p", "query-id", "Item " + query.id));
     if (query.true_class) info.append(el("p", null, "Class: " + query.true_class));
+    const name = productName(query.attributes);
+    if (name) info.append(el("p", "query-name", name));
   }
   if (query.predicted_class && (isUpload || query.predicted_class !== query.true_class)) {
     let text = "Predicted class: " + query.predicted_class;
@@ -135,6 +138,21 @@ function renderQuery(query) {
   box.append(figure);
 }
 
+// the product's name (when its catalog has one), and what the card lists under it
+const NAME_ATTRIBUTES = ["name", "title", "productDisplayName", "display_name", "product_name"];
+function productName(attributes) {
+  if (!attributes) return null;
+  const key = NAME_ATTRIBUTES.find((k) => typeof attributes[k] === "string");
+  return key ? attributes[key] : null;
+}
+
+function shownAttributes(attributes) {
+  if (!attributes) return [];
+  const used = state.filterNames || [];
+  const rest = Object.keys(attributes).filter((k) => !NAME_ATTRIBUTES.includes(k) && !used.includes(k));
+  return used.filter((k) => k in attributes).concat(rest).slice(0, 4);
+}
+
 function card(item) {
   const button = el("button", "card");
   button.type = "button";
@@ -143,9 +161,17 @@ function card(item) {
   button.append(picture(item.image_url || imageUrl(item.id),
                         "Item " + item.id + " (" + item.class_name + ")", "card-img"));
   button.append(el("span", "card-rank", "#" + item.rank));
+  const name = productName(item.attributes);
+  if (name) button.append(el("span", "card-name", name));
   button.append(el("span", "card-id", item.id));
   button.append(el("span", "card-class", item.class_name));
   if (item.category) button.append(el("span", "card-category", item.category));
+  const keys = shownAttributes(item.attributes);
+  if (keys.length) {
+    const list = el("ul", "card-attrs");
+    for (const key of keys) list.append(el("li", null, key + ": " + String(item.attributes[key])));
+    button.append(list);
+  }
   const distance = Number(item.distance);
   button.append(el("span", "card-distance",
                    "distance " + (Number.isFinite(distance) ? distance.toFixed(4) : "n/a")));
@@ -159,7 +185,10 @@ function card(item) {
 }
 
 function render(result) {
-  renderQuery(result.query || {});
+  const query = result.query || {};
+  // the attributes the filter reads are listed first on each card
+  state.filterNames = query.where ? (query.where.match(/[A-Za-z_][A-Za-z0-9_]*/g) || []) : [];
+  renderQuery(query);
   const grid = $("grid");
   grid.replaceChildren();
   const items = Array.isArray(result.items) ? result.items : [];
@@ -193,6 +222,7 @@ function onHash() {
 function similarUrl(id, o) {
   const params = new URLSearchParams({ k: String(o.k), same_class: String(o.sameClass) });
   if (o.category) params.set("category", o.category);
+  if (o.where) params.set("where", o.where);
   return "/api/items/" + encodeURIComponent(String(id)) + "/similar?" + params.toString();
 }
 
@@ -235,6 +265,7 @@ function upload(file) {
     form.append("k", String(o.k));
     form.append("same_class", String(o.sameClass));
     if (o.category) form.append("category", o.category);
+    if (o.where) form.append("where", o.where);
     return api("/api/similar", { method: "POST", body: form });
   }, () => {
     if (state.preview) URL.revokeObjectURL(state.preview);
@@ -253,6 +284,11 @@ async function loadStats() {
     if (stats.index && stats.index.search) parts.push(stats.index.search + " search");
     $("summary").textContent = parts.join(" · ");
     if (run_.backbone) $("summary").title = "Backbone: " + run_.backbone;
+    const names = Object.keys(stats.attributes || {});
+    if (names.length) {
+      $("where-field").hidden = false;
+      $("where").title = "Attributes: " + names.map((n) => n + " (" + stats.attributes[n] + ")").join(", ");
+    }
   } catch (e) {
     $("summary").textContent = "Visually similar products.";
   }
