@@ -50,7 +50,7 @@ REAL_ITEMS ?= test/dress/06a00c0f-5f9a-410d-a7da-3881a9df3a71.jpg \
               test/outwear/0028956e-9962-46f0-ad45-2c42f8a59d94.jpg
 
 # extras installed by `make install`: add gpu for an NVIDIA GPU (EXTRAS=dev,ann,serve,gpu,...)
-EXTRAS     ?= dev,ann,serve,openvino,ray
+EXTRAS     ?= dev,ann,serve,openvino,ray,milvus
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fashionrec-installed
 

@@ -302,15 +302,25 @@ def _milvus_value(value):
     return json.dumps(value)  # double quotes, backslash escapes: Milvus' string syntax
 
 
-def to_milvus(tree, field=lambda name: name):
+def to_milvus(tree, field=lambda name: name, nullable=False):
     """The filter as a Milvus boolean expression; ``field(name)`` is how an attribute
-    is addressed (a scalar field, or ``attrs["name"]`` in a JSON field)."""
+    is addressed (a scalar field, or ``attrs["name"]`` in a JSON field). With
+    ``nullable`` (fields where a missing value is null) each condition says what a
+    missing value does, as :func:`mask` has it: it matches ``!=`` and ``not in`` only
+    (so ``not`` over the whole stays two-valued)."""
     if isinstance(tree, (And, Or)):
         joiner = " and " if isinstance(tree, And) else " or "
-        return "(" + joiner.join(to_milvus(a, field) for a in tree.args) + ")"
+        return "(" + joiner.join(to_milvus(a, field, nullable) for a in tree.args) + ")"
     if isinstance(tree, Not):
-        return f"not ({to_milvus(tree.arg, field)})"
+        return f"not ({to_milvus(tree.arg, field, nullable)})"
+    name = field(tree.name)
     if isinstance(tree, Member):
         values = ", ".join(_milvus_value(v) for v in tree.values)
-        return f"{field(tree.name)} {'not in' if tree.negated else 'in'} [{values}]"
-    return f"{field(tree.name)} {tree.op} {_milvus_value(tree.value)}"
+        text = f"{name} {'not in' if tree.negated else 'in'} [{values}]"
+        negative = tree.negated
+    else:
+        text = f"{name} {tree.op} {_milvus_value(tree.value)}"
+        negative = tree.op == "!="
+    if not nullable:
+        return text
+    return f"({name} is null or {text})" if negative else f"({name} is not null and {text})"

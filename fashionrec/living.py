@@ -91,6 +91,9 @@ def add_products(state, catalog, lock_wait=0.0, progress=True, log=print):
         probs, vectors = state.embedder.encode_images(stored, progress)
         stored = np.clip(stored, 0, 255).astype(np.uint8)
     dba = state.metadata.get("search", {}).get("dba")
+    if dba and getattr(index, "remote", False):
+        raise FashionrecError("database-side augmentation needs the catalog's vectors at "
+                              "hand: it is not supported with the Milvus store")
     if dba and len(index):  # joins the catalog as its products did (expansion module)
         vectors = expansion.expand(vectors, index.vectors, index.backend, dba)
     ids = [index.parse_id(i) for i in clean.ids]
@@ -163,7 +166,10 @@ def compaction_due(state, segments=COMPACT_SEGMENTS, removed_share=COMPACT_REMOV
     more added segments not folded into the base (each is a file a load reads), or
     removed items making up ``removed_share`` or more of the catalog (they are still
     searched, then dropped). ``0`` turns a rule off."""
-    pending = state.store().pending()
+    store = state.store()
+    if not hasattr(store, "pending"):  # Milvus compacts its own segments
+        return None
+    pending = store.pending()
     if segments and pending["segments"] >= segments:
         return f"{pending['segments']} added segments (the limit is {segments})"
     removed = pending["removed"]
@@ -188,9 +194,12 @@ def compact_when_due(rec, progress=False, log=None):
             say(f"compact: not now ({exc}); a later write tries again")
 
 
-def reindex(state, search_choice, lock_wait, progress, log, hnsw_params):
+def reindex(state, search_choice, lock_wait, progress, log, hnsw_params, store=None):
     """Build (or drop) the version's HNSW graph for a new search choice and record the
-    choice in its record; returns the search spec."""
+    choice in its record; returns the search spec. With ``store``, move the catalog
+    instead (:func:`move_store`) and return the store's record."""
+    if store is not None:
+        return move_store(state, **store, progress=progress, log=log)
     config = RunConfig.from_dict({**state.metadata["config"], "search": search_choice,
                                   **{k: v for k, v in hnsw_params.items() if v is not None}},
                                  check_paths=False)
@@ -199,6 +208,52 @@ def reindex(state, search_choice, lock_wait, progress, log, hnsw_params):
     state.run.rewrite(state.version, {**state.metadata, "config": config.to_dict(),
                                       "search": spec})
     return spec
+
+
+def move_store(state, kind, uri=None, collection=None, progress=True, log=print):
+    """Copy the version's catalog into Milvus (``kind="milvus"``: a new collection
+    behind the alias ``collection``, then ``run.json`` names it) or back into the
+    version's own files (``kind="file"``); returns the store record."""
+    from .milvus import MilvusStore
+    from .store import IndexStore
+
+    say = log or (lambda *_: None)
+    meta, index = state.metadata, state.index
+    where = meta.get("store") or {"kind": "file"}
+    if kind == where.get("kind", "file") and (kind == "file" or (
+            uri == where.get("uri") and collection == where.get("collection"))):
+        say(f"index: the catalog is already in that store ({kind})")
+        return where
+    search = meta.get("search") or {"backend": "exact"}
+    if kind == "milvus":
+        if not uri or not collection:
+            raise FashionrecError("--store milvus needs --milvus-uri and --collection")
+        if search.get("query_expansion") or search.get("dba"):
+            raise FashionrecError("query expansion and database-side augmentation need the "
+                                  "catalog's vectors at hand: turn them off (--qe-k 0) "
+                                  "before moving the catalog into Milvus")
+        if getattr(index, "remote", False):
+            index = index.export(progress)
+        store = MilvusStore(uri, collection, index.class_names, index.schema, index.id_kind)
+        say(f"index: copying {len(index)} products into Milvus collection {collection!r}")
+        store.publish(index, progress)
+        record = {**store.describe(), "id_kind": index.id_kind}
+    else:
+        if kind != "file":
+            raise FashionrecError(f"--store is file or milvus, not {kind!r}")
+        exported = index.export(progress)
+        exported.metadata = {"run_id": meta["run_id"]}
+        store = IndexStore.of(state.version, guard=state.check_current)
+        say(f"index: copying {len(exported)} products back into {store.path}")
+        store.write_base(exported)
+        if search["backend"] != "exact":
+            store.build_graph(search, progress=progress, log=log)
+        record = None
+    new_meta = {k: v for k, v in meta.items() if k != "store"}
+    if record is not None:
+        new_meta["store"] = record
+    state.run.rewrite(state.version, new_meta)
+    return record or {"kind": "file"}
 
 
 def catalog_features(rec, cache_dir=None, progress=True):

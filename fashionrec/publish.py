@@ -57,7 +57,7 @@ class Loaded:
     def store(self, lock_wait=0.0):
         """The version's catalog store; its writes are refused once another version
         is published."""
-        return IndexStore.of(self.version, lock_wait, guard=self.check_current)
+        return store_of(self.version, self.metadata, lock_wait, guard=self.check_current)
 
     def refreshed(self, log=None):
         """This version with its record and catalog read again (after writes, by this
@@ -65,8 +65,11 @@ class Loaded:
         meta = self.run.read()
         if self.run.version_of(meta).folder.resolve() != self.version.folder.resolve():
             raise StaleVersion(f"{self.run.path} now publishes another version")
-        index = IndexStore.of(self.version).load(meta.get("search") or {"backend": "exact"},
-                                                 log=log, reuse=self.index)
+        store = store_of(self.version, meta)
+        if not isinstance(store, IndexStore):
+            return replace(self, metadata=meta, index=store.snapshot())
+        index = store.load(meta.get("search") or {"backend": "exact"}, log=log,
+                           reuse=self.index)
         return replace(self, metadata=meta, index=index)
 
     def stats(self):
@@ -112,9 +115,10 @@ def _load(run, meta, log):
     except (KeyError, TypeError) as exc:
         raise FashionrecError(f"{run.run_file} is not a fashionrec run ({exc})") from None
     search = meta.get("search") or {"backend": "exact"}
-    index = IndexStore.of(version).load(search, log=log)
+    store = store_of(version, meta)
+    index = store.snapshot(search, log=log)
     run_id = meta["run_id"]
-    if index.metadata.get("run_id") != run_id:
+    if isinstance(store, IndexStore) and index.metadata.get("run_id") != run_id:
         raise FashionrecError(f"{version.folder} mixes files of two runs (an interrupted "
                               f"save?); re-run `make train`")
     views = cfg.views() if cfg.dataset == "catalog" else PLAIN
@@ -128,6 +132,22 @@ def _load(run, meta, log):
                                   f"`make train`")
         split = CatalogSplit.from_dict(state)
     return Loaded(run, version, meta, embedder, index, split)
+
+
+def store_of(version, meta, lock_wait=0.0, guard=None):
+    """The catalog store a version's record names: its files (:class:`IndexStore`), or
+    a Milvus collection (``run.json``'s ``store``, :class:`fashionrec.milvus.MilvusStore`)."""
+    where = meta.get("store") or {"kind": "file"}
+    if where.get("kind", "file") == "file":
+        return IndexStore.of(version, lock_wait, guard=guard)
+    if where["kind"] != "milvus":
+        raise FashionrecError(f"run.json names an unknown catalog store {where['kind']!r}")
+    from .milvus import MilvusStore
+
+    data = meta.get("dataset", {})
+    return MilvusStore(where["uri"], where["collection"], data.get("class_names", ()),
+                       meta.get("attributes"), where.get("id_kind", "str"), guard,
+                       where.get("search", {}).get("ef", 128))
 
 
 def _legacy_scaler(index, version):
@@ -180,6 +200,15 @@ def publish(trained, run_dir, force=False, log=print):
 def _previous(run, force, say):
     if not run.exists():
         return None
+    try:
+        meta = run.read()
+    except FashionrecError:
+        meta = {}
+    if (meta.get("store") or {}).get("kind", "file") != "file":  # never --force-d away
+        raise FashionrecError(
+            f"the catalog of {run.path} is in Milvus; a retrain does not publish there "
+            f"yet: move it back first (fashionrec index --run-dir {run.path} --store "
+            f"file), retrain, then move it again")
     try:
         meta = run.read()
         version = run.current(meta)

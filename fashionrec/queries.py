@@ -89,10 +89,18 @@ def answer(embedder, index, requests, image_shape, test_images):
 
 
 def item_query(index, class_names, item):
-    """``(info, row)`` of a query by catalog item id (its stored vector is the query)."""
-    row = index.row_of(item)
+    """``(info, row)`` of a query by catalog item id (its stored vector is the query;
+    :func:`item_vector`); a remote catalog's row is the product's record."""
+    row = index.record(item, vector=True) if getattr(index, "remote", False) else \
+        index.row_of(item)
     if row is None:
         raise FashionrecError(f"item {item!r} is not in the catalog")
+    if isinstance(row, dict):
+        info = {"kind": "item", "id": row["id"], "true_label": row["label"],
+                "true_class": class_names[row["label"]],
+                "category": row["category"] or class_names[row["label"]],
+                "attributes": row["attributes"]}
+        return ({**info, "path": row["path"]} if row["path"] else info), row
     label = int(index.labels[row])
     info = {"kind": "item", "id": _plain(index, row), "true_label": label,
             "true_class": class_names[label], "category": index.category_of(row)}
@@ -103,6 +111,11 @@ def item_query(index, class_names, item):
     return info, row
 
 
+def item_vector(index, row):
+    """The stored vector of the product at ``row`` (from :func:`item_query`), ``(1, D)``."""
+    return row["vector"][None] if isinstance(row, dict) else index.vectors[row:row + 1]
+
+
 def nearest(index, class_names, info, vector, query_class, own_row, image, k,
             same_class=False, category=None, where=None):
     """The ``k`` items of ``index`` nearest to ``vector`` (the query's own row
@@ -111,6 +124,9 @@ def nearest(index, class_names, info, vector, query_class, own_row, image, k,
     Recommendation of exactly ``k`` items whenever ``k`` items match."""
     allowed = None
     tree = None if where is None else filters.compile_filter(where, index.schema)
+    if getattr(index, "remote", False):
+        return _remote_nearest(index, class_names, info, vector, query_class, own_row,
+                               image, k, same_class, category, tree, where)
     if same_class or category is not None or tree is not None:
         mask = np.ones(len(index), dtype=bool)
         wanted = []
@@ -142,8 +158,39 @@ def nearest(index, class_names, info, vector, query_class, own_row, image, k,
     return Recommendation(query=info, items=items, image=image)
 
 
+def _remote_nearest(index, class_names, info, vector, query_class, own_row, image, k,
+                    same_class, category, tree, where):
+    """:func:`nearest` on a remote catalog (:class:`fashionrec.milvus.MilvusCatalog`):
+    the filters become one expression, the search and the count are its requests."""
+    wanted = ([f"class {class_names[query_class]}"] * bool(same_class) +
+              [f"category {category}"] * (category is not None) +
+              ([where.strip()] if tree is not None else []))
+    own = None if own_row is None else own_row["id"]
+    expression = index.expression(query_class if same_class else None, category, tree, own)
+    n = index.count(expression)
+    if wanted:
+        info.update(filter=" and ".join(wanted), n_candidates=n)
+        if tree is not None:
+            info["where"] = where.strip()
+        if not n:
+            raise FashionrecError(f"no other catalog item is in {info['filter']}")
+        k = min(k, n)
+    elif k > n:
+        raise FashionrecError(f"k={k} is more than the catalog's {n} "
+                              f"{'other ' if own is not None else ''}items")
+    items = [item_at(index, class_names, r + 1, record, d)
+             for r, (record, d) in enumerate(index.nearest(vector, k, expression))]
+    return Recommendation(query=info, items=items, image=image)
+
+
 def item_at(index, class_names, rank, row, distance):
-    """The :class:`~fashionrec.results.Item` at ``row`` of ``index``."""
+    """The :class:`~fashionrec.results.Item` at ``row`` of ``index`` (or of a remote
+    catalog's record)."""
+    if isinstance(row, dict):
+        label = row["label"]
+        return Item(rank=rank, id=row["id"], label=label, class_name=class_names[label],
+                    distance=float(distance), category=row["category"] or class_names[label],
+                    path=row["path"], attributes=row["attributes"] if index.schema else None)
     label = int(index.labels[row])
     return Item(rank=rank, id=_plain(index, row), label=label, class_name=class_names[label],
                 distance=float(distance),
@@ -164,6 +211,8 @@ def item_picture(index, item_id, size):
     row = index.row_of(item_id)
     if row is None:
         raise FashionrecError(f"item {item_id!r} is not in the catalog")
+    if isinstance(row, dict):  # a remote catalog's record
+        return _read_or_none(row["path"], size) if row["path"] else None
     if index.images is not None:
         return index.images[row]
     if index.paths is not None and index.paths[row]:
@@ -172,6 +221,13 @@ def item_picture(index, item_id, size):
         except FashionrecError:
             return None
     return None
+
+
+def _read_or_none(path, size):
+    try:
+        return images.read_image(path, size)
+    except FashionrecError:
+        return None
 
 
 def category_mask(index, wanted):
@@ -189,6 +245,15 @@ def category_mask(index, wanted):
 def browse(index, offset=0, limit=24, class_name=None, category=None, where=None):
     """``(total, items)`` of the catalog's items of ``class_name`` in ``category``
     matching ``where`` (vectorised masks), ``limit`` of them from ``offset``."""
+    if getattr(index, "remote", False):
+        if class_name and class_name not in index.class_names:
+            raise FashionrecError(f"class {class_name!r} is not one of this run's classes")
+        tree = None if where is None else filters.compile_filter(where, index.schema)
+        expression = index.expression(
+            index.class_names.index(class_name) if class_name else None,
+            category.strip() if category and category.strip() else None, tree)
+        total, records = index.browse(expression, offset, limit)
+        return total, [item_at(index, index.class_names, 0, r, 0.0) for r in records]
     mask = np.ones(len(index), dtype=bool)
     if class_name:
         if class_name not in index.class_names:

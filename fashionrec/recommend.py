@@ -22,7 +22,7 @@ from .errors import FashionrecError
 from .living import add_products, catalog_features, read_catalog, reindex
 from .publish import load_version, publish
 from .results import Item, Recommendation  # noqa: F401 - public here too
-from .rundir import RunDir, StaleVersion
+from .rundir import StaleVersion
 
 DISPLAY_SIZE = 160  # product thumbnails in result grids
 
@@ -102,11 +102,6 @@ class Recommender:
         state.embedder, state.report, state.dataset = (trained.embedder, trained.report,
                                                        trained.dataset)
         return Path(run_dir)
-
-    @staticmethod
-    def read_run_id(run_dir):
-        """The published version's run id (cheap: no model is loaded)."""
-        return RunDir(run_dir).run_id()
 
     @classmethod
     def load(cls, run_dir, log=_stderr):
@@ -248,7 +243,7 @@ class Recommender:
             return result
         index = self.index_  # one snapshot for the whole query
         info, row = queries.item_query(index, index.class_names, item)
-        return queries.nearest(index, index.class_names, info, index.vectors[row:row + 1],
+        return queries.nearest(index, index.class_names, info, queries.item_vector(index, row),
                                info["true_label"], row,
                                self.item_image(item, index) if with_image else None, k,
                                same_class, category, where)
@@ -297,11 +292,12 @@ class Recommender:
         return self._write(lambda state: state.store(self.lock_wait).compact(
             self.search_spec, progress=progress, log=log))
 
-    def reindex(self, search_choice, progress=True, log=print, **hnsw_params):
-        """Search this saved run another way (``"exact"``, ``"hnsw"``, ``"auto"``) without
-        retraining: build (or drop) its HNSW graph and record it in ``run.json``."""
+    def reindex(self, search_choice, progress=True, log=print, store=None, **hnsw_params):
+        """Search this saved run another way (``"exact"``, ``"hnsw"``, ``"auto"``): build
+        (or drop) its HNSW graph; or move its catalog to ``store`` (``{"kind": "milvus",
+        "uri", "collection"}`` or ``{"kind": "file"}``); recorded in ``run.json``."""
         return self._write(lambda state: reindex(state, search_choice, self.lock_wait,
-                                                 progress, log, hnsw_params))
+                                                 progress, log, hnsw_params, store))
 
     def _write(self, write):
         """``write(state)`` on the published version, then the catalog reloaded; redone

@@ -97,8 +97,11 @@ def test_index_and_compact_errors_are_one_line(tmp_path, run_copy, capsys, monke
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["index", "--run-dir", str(run_copy)]) == 1  # neither --search nor --store
+    err = capsys.readouterr().err
+    assert "give --search (how the catalog is searched) or --store" in err
+    assert len(err.strip().splitlines()) == 1
     for argv in (["index", "--run-dir", str(run_copy), "--search", "fast"],
-                 ["index", "--run-dir", str(run_copy)],
                  ["index", "--run-dir", str(run_copy), "--search", "hnsw", "--hnsw-m", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)

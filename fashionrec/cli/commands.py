@@ -250,6 +250,20 @@ def cmd_compact(args):
 def cmd_index(args):
     rec = Recommender.load(args.run_dir)
     params = _search_kwargs(args)
+    if args.store is None and args.search is None:
+        raise FashionrecError("give --search (how the catalog is searched) or --store "
+                              "(where it lives)")
+    if args.store is not None:
+        if any(v is not None for v in params.values()):
+            raise FashionrecError("--store moves the catalog; give the search options in "
+                                  "another `fashionrec index` call")
+        record = rec.reindex(None, progress=not args.no_progress, store={
+            "kind": args.store, "uri": args.milvus_uri, "collection": args.collection})
+        where = (f"Milvus {record['uri']}, collection {record['collection']} (HNSW, L2)"
+                 if record["kind"] == "milvus" else "the run's files")
+        print(f"index: {len(rec.index_)} items in {where}; recorded in "
+              f"{RunDir(args.run_dir).run_file}")
+        return 0
     spec = rec.reindex(params.pop("search"), progress=not args.no_progress, **params)
     pending = rec.index_.metadata.get("n_updates", 0)
     print(f"index: {len(rec.index_)} items, {_describe_search(spec)}; recorded in "

@@ -220,6 +220,16 @@ def _run_command(sub, name, summary, description, search=False):
     _run_dir_option(p)
     if search:
         _search_options(p, required=True)
+        g = p.add_argument_group("catalog store")
+        g.add_argument("--store", choices=("file", "milvus"), default=None,
+                       help="move the catalog: into Milvus (a new collection behind the "
+                            "alias --collection, at --milvus-uri) or back into the run's "
+                            "files")
+        g.add_argument("--milvus-uri", default=None, metavar="URI",
+                       help="a Milvus Lite .db file or http://host:19530 (credentials: "
+                            "FASHIONREC_MILVUS_TOKEN or FASHIONREC_MILVUS_TOKEN_FILE)")
+        g.add_argument("--collection", default=None,
+                       help="the Milvus collection alias the catalog is read through")
     _output_options(p)
     return p
 
@@ -394,7 +404,7 @@ def _view_options(c):
 def _search_options(parser, required=False):
     """How the catalog is searched (train; index, where they are required)."""
     g = parser.add_argument_group("search")
-    g.add_argument("--search", choices=SEARCH_CHOICES, required=required,
+    g.add_argument("--search", choices=SEARCH_CHOICES,  # index: --search or --store
                    default=None if required else _default("search"),
                    help="exact, hnsw (FAISS HNSW graph, approximate; pip install "
                         "'fashionrec[ann]') or auto (hnsw from --hnsw-min-items items up)" +

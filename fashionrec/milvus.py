@@ -1,0 +1,489 @@
+"""Milvus as the catalog store (``pip install 'fashionrec[milvus]'``).
+
+A catalog lives in a Milvus collection: one row per product with its standardized
+vector (metric L2, the design card's Euclidean ranking; an HNSW index), its id
+(``pk``), class number, category path and attributes as scalar fields. Readers reach
+it through a collection **alias**: :meth:`MilvusStore.publish` builds a new collection
+and then switches the alias, so a reader sees the old catalog whole or the new one
+whole. Every request uses the ``Strong`` consistency level: a product added and
+answered is found by the very next query, from any process.
+
+``uri`` is a local ``.db`` file (Milvus Lite, embedded) or ``http://host:19530``
+(Milvus Lite's server, Milvus Standalone or Distributed); the code is the same.
+Credentials come from ``FASHIONREC_MILVUS_TOKEN`` or the file named by
+``FASHIONREC_MILVUS_TOKEN_FILE`` (``user:password`` or an API key), never from a
+run's record or the logs (:func:`public_uri` is what they show).
+
+:class:`MilvusCatalog` is a snapshot that holds nothing: every question (how many
+products, one product, the nearest ones under a filter, a page of them) is a request
+to Milvus, filters translated into Milvus' boolean expressions
+(:func:`fashionrec.filters.to_milvus`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from . import attributes as attrs
+from . import filters
+from .errors import FashionrecError
+from .store import CatalogStore
+
+ENV_TOKEN = "FASHIONREC_MILVUS_TOKEN"
+ENV_TOKEN_FILE = "FASHIONREC_MILVUS_TOKEN_FILE"
+CONSISTENCY = "Strong"
+HNSW = {"M": 16, "efConstruction": 200}
+EF_SEARCH = 128
+BATCH = 2000  # rows per insert request
+EXACT_MAX = 20000  # a filter this selective that HNSW answers short is ranked exactly
+ID_MAX, PATH_MAX, CATEGORY_MAX, STRING_MAX = 512, 4096, 2048, 4096
+FIELD_TYPES = {"string": "VARCHAR", "integer": "INT64", "float": "DOUBLE", "boolean": "BOOL"}
+SCALARS = ("pk", "label", "category", "path")
+
+
+def public_uri(uri):
+    """``uri`` without credentials (what a record or a log may show)."""
+    parts = urlsplit(str(uri))
+    if parts.scheme in ("http", "https", "tcp", "grpc") and parts.netloc:
+        host = parts.hostname or ""
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return str(uri)
+
+
+def _token():
+    if os.environ.get(ENV_TOKEN):
+        return os.environ[ENV_TOKEN]
+    path = os.environ.get(ENV_TOKEN_FILE)
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise FashionrecError(f"{ENV_TOKEN_FILE}: cannot read {path} ({exc.strerror})") \
+                from None
+    return ""
+
+
+def _short(exc):
+    text = str(getattr(exc, "message", "") or exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def connect(uri, timeout=10.0):
+    """A client of the Milvus at ``uri``; a one-line error naming it (without
+    credentials) when it cannot be reached."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise FashionrecError("the Milvus store needs pymilvus and milvus-lite: pip install "
+                              "'fashionrec[milvus]'") from None
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # errors come back as ours
+    try:
+        client = MilvusClient(uri=str(uri), token=_token(), timeout=timeout)
+        client.list_collections()
+    except FashionrecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any client failure is "unreachable"
+        raise FashionrecError(f"Milvus at {public_uri(uri)} is unreachable "
+                              f"({_short(exc)})") from None
+    return client
+
+
+def _call(uri, what, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a Milvus failure as one line naming ``uri``."""
+    try:
+        return fn(*args, **kwargs)
+    except FashionrecError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MilvusUnavailable(f"Milvus at {public_uri(uri)}: {what} failed "
+                                f"({_short(exc)})") from None
+
+
+class MilvusUnavailable(FashionrecError):
+    """Milvus did not answer a request (the service answers 503)."""
+
+
+def _attr_field(name):
+    return f"attr_{name}"
+
+
+def category_key(category):
+    """A category path as it is matched: lower case, ``/`` on both ends."""
+    return "/" + "/".join(p for p in str(category).strip().lower().split("/") if p) + "/"
+
+
+def _like(text):
+    """``text`` as a literal inside a LIKE pattern of a Milvus string."""
+    out = text.replace("\\", "\\\\\\\\")
+    for ch in "%_":
+        out = out.replace(ch, "\\\\" + ch)
+    return out.replace('"', '\\"')
+
+
+def category_expression(wanted):
+    """Milvus' expression for :func:`fashionrec.catalog.category_matches`."""
+    key = category_key(wanted)
+    if key == "//":
+        raise FashionrecError("an empty category matches nothing")
+    return f'category_key like "%{_like(key)}%"'
+
+
+def _quote(value):
+    return filters._milvus_value(str(value))
+
+
+class MilvusStore(CatalogStore):
+    """The catalog of a run in Milvus, reached through the alias ``collection``.
+
+    Args:
+        uri: see the module doc.
+        collection: the alias readers use; each published catalog is a collection
+            ``<collection>__<tag>`` behind it.
+        class_names, schema, id_kind: the run's classes, attribute schema and id type
+            (from its record).
+        guard: called before every write (a retired model version raises).
+    """
+
+    def __init__(self, uri, collection, class_names, schema=None, id_kind="str", guard=None,
+                 ef_search=EF_SEARCH, client=None):
+        if not collection or not collection.replace("_", "a").isalnum() or \
+                collection[0].isdigit():
+            raise FashionrecError(f"a Milvus collection name is letters, digits and _ "
+                                  f"(not starting with a digit), got {collection!r}")
+        if "://" not in str(uri):  # a Milvus Lite file: recorded by its absolute path
+            uri = Path(uri).expanduser().resolve()
+        self.uri, self.collection = str(uri), collection
+        self.class_names, self.schema = tuple(class_names), dict(schema or {})
+        self.id_kind, self.guard, self.ef_search = id_kind, guard, ef_search
+        self.client = client or connect(uri)
+
+    # ------------------------------------------------------------ the record
+    def describe(self):
+        """What ``run.json`` records (no credentials)."""
+        return {"kind": "milvus", "uri": public_uri(self.uri), "collection": self.collection,
+                "current": self.current(), "metric": "L2", "consistency": CONSISTENCY,
+                "index": {"type": "HNSW", **HNSW}, "search": {"ef": self.ef_search}}
+
+    def current(self):
+        """The collection the alias points at, or ``None``."""
+        try:
+            return self.client.describe_alias(self.collection)["collection_name"]
+        except Exception:  # noqa: BLE001 - no such alias
+            return None
+
+    # ------------------------------------------------------------ building
+    def _schema(self, dim):
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
+        schema.add_field("label", DataType.INT64)
+        schema.add_field("category", DataType.VARCHAR, max_length=CATEGORY_MAX)
+        schema.add_field("category_key", DataType.VARCHAR, max_length=CATEGORY_MAX + 2)
+        schema.add_field("path", DataType.VARCHAR, max_length=PATH_MAX)
+        for name, kind in self.schema.items():
+            extra = {"max_length": STRING_MAX} if kind == "string" else {}
+            schema.add_field(_attr_field(name), getattr(DataType, FIELD_TYPES[kind]),
+                             nullable=True, **extra)
+        return schema
+
+    def _rows(self, index, start, stop):
+        cats = index.all_categories()
+        out = []
+        for r in range(start, stop):
+            row = {"pk": str(index.ids[r]), "vector": np.asarray(index.vectors[r],
+                                                                  dtype=np.float32).tolist(),
+                   "label": int(index.labels[r]), "category": str(cats[r]),
+                   "category_key": category_key(cats[r]),
+                   "path": str(index.paths[r]) if index.paths is not None else ""}
+            for name, kind in self.schema.items():
+                value = attrs.shown(kind, index.attributes[name][r]) if name in \
+                    index.attributes else None
+                row[_attr_field(name)] = value
+            out.append(row)
+        return out
+
+    def _check(self, part):
+        if part.class_names != self.class_names:
+            raise FashionrecError("the new items were embedded for another model")
+        if part.images is not None:
+            raise FashionrecError("the Milvus store keeps product catalogs (image files), "
+                                  "not stored images (Fashion-MNIST runs)")
+        if len(part) and part.id_kind != self.id_kind:
+            raise FashionrecError(f"this catalog's ids are {self.id_kind}s; the new items' "
+                                  f"are not")
+
+    def build(self, index, progress=False):
+        """A new collection holding ``index`` (not yet published); returns its name."""
+        from pymilvus import MilvusClient
+        from tqdm.auto import tqdm
+
+        self._check(index)
+        name = f"{self.collection}__{uuid.uuid4().hex[:12]}"
+        params = MilvusClient.prepare_index_params()
+        params.add_index(field_name="vector", index_type="HNSW", metric_type="L2",
+                         params=dict(HNSW))
+        _call(self.uri, "create collection", self.client.create_collection, name,
+              schema=self._schema(index.dim), index_params=params,
+              consistency_level=CONSISTENCY)
+        try:
+            for start in tqdm(range(0, len(index), BATCH), disable=not progress,
+                              desc="milvus insert", unit="batch"):
+                rows = self._rows(index, start, min(start + BATCH, len(index)))
+                _call(self.uri, "insert", self.client.insert, name, rows)
+            _call(self.uri, "flush", self.client.flush, name)
+            _call(self.uri, "load", self.client.load_collection, name)
+        except BaseException:
+            self.client.drop_collection(name)
+            raise
+        return name
+
+    def publish(self, index, progress=False):
+        """Build a collection of ``index`` and switch the alias to it (readers see the
+        old catalog or the new one, whole); the collection before the previous one is
+        dropped. Returns the new collection's name."""
+        name = self.build(index, progress)
+        before = self.current()
+        if before is None:
+            _call(self.uri, "create alias", self.client.create_alias, name, self.collection)
+        else:
+            _call(self.uri, "alter alias", self.client.alter_alias, name, self.collection)
+        self._bump()
+        keep = {name, before}
+        prefix = f"{self.collection}__"
+        for old in self.client.list_collections():
+            if old.startswith(prefix) and old not in keep and old != self._meta_name:
+                self.client.drop_collection(old)
+        return name
+
+    # ------------------------------------------------------------ generation
+    @property
+    def _meta_name(self):
+        return f"{self.collection}__meta"
+
+    def _meta(self):
+        from pymilvus import DataType, MilvusClient
+
+        if not self.client.has_collection(self._meta_name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("value", DataType.INT64)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector
+            params = MilvusClient.prepare_index_params()
+            params.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+            self.client.create_collection(self._meta_name, schema=schema, index_params=params,
+                                          consistency_level=CONSISTENCY)
+        return self._meta_name
+
+    def _bump(self):
+        _call(self.uri, "write the generation", self.client.upsert, self._meta(),
+              [{"pk": "generation", "value": time.time_ns(), "v": [0.0, 0.0]}])
+
+    def generation(self):
+        if not self.client.has_collection(self._meta_name):
+            return 0
+        rows = _call(self.uri, "read the generation", self.client.query, self._meta_name,
+                     ids=["generation"], output_fields=["value"],
+                     consistency_level=CONSISTENCY)
+        return int(rows[0]["value"]) if rows else 0
+
+    # ------------------------------------------------------------ the contract
+    def snapshot(self, search=None, log=None):
+        if self.current() is None:
+            raise FashionrecError(f"Milvus at {public_uri(self.uri)} has no catalog "
+                                  f"{self.collection!r}")
+        return MilvusCatalog(self)
+
+    def _live(self, pks):
+        found = set()
+        for start in range(0, len(pks), 1000):
+            chunk = pks[start:start + 1000]
+            rows = _call(self.uri, "query", self.client.query, self.collection,
+                         filter=f"pk in [{', '.join(map(_quote, chunk))}]",
+                         output_fields=["pk"], consistency_level=CONSISTENCY)
+            found |= {r["pk"] for r in rows}
+        return found
+
+    def add(self, part):
+        self._check(part)
+        if self.guard:
+            self.guard()
+        pks = [str(i) for i in part.ids.tolist()]
+        live = self._live(pks)
+        clash = [(i, p) for i, p in zip(part.ids.tolist(), pks, strict=True) if p in live]
+        if clash:  # the file store's words
+            raise FashionrecError(f"{len(clash)} id(s) already in the index, e.g. "
+                                  f"{clash[0][0]!r}; remove them first")
+        for start in range(0, len(part), BATCH):
+            _call(self.uri, "insert", self.client.insert, self.collection,
+                  self._rows(part, start, min(start + BATCH, len(part))))
+        self._bump()
+
+    def remove(self, ids):
+        if self.guard:
+            self.guard()
+        from .index import parse_id
+
+        ids = list(dict.fromkeys(parse_id(i, self.id_kind) for i in ids))
+        pks = [str(i) for i in ids]
+        live = self._live(pks)
+        unknown = [i for i, p in zip(ids, pks, strict=True) if p not in live]
+        if unknown:
+            raise FashionrecError(f"{len(unknown)} id(s) not in the index, e.g. "
+                                  f"{unknown[0]!r}; nothing was removed")
+        _call(self.uri, "delete", self.client.delete, self.collection, ids=pks)
+        self._bump()
+
+    def compact(self, search=None, progress=False, log=None):
+        """Milvus compacts its segments itself; this asks it to now."""
+        name = self.current()
+        if name is not None:
+            _call(self.uri, "compact", self.client.compact, name)
+
+
+class MilvusCatalog:
+    """A snapshot of a Milvus catalog that holds nothing: each question is a request
+    (see the module doc). It answers what :mod:`fashionrec.queries` asks of a catalog
+    (``remote`` tells it to ask these methods instead of reading columns)."""
+
+    remote = True
+    images = None
+    query_expansion = None
+
+    def __init__(self, store):
+        self.store, self.client, self.uri = store, store.client, store.uri
+        self.class_names, self.schema = store.class_names, store.schema
+        self.metadata = {"generation": store.generation()}
+        self.base_id = None
+        self._fields = [*SCALARS, *map(_attr_field, self.schema)]
+
+    @property
+    def id_kind(self):
+        return self.store.id_kind
+
+    def parse_id(self, item_id):
+        from .index import parse_id
+
+        return parse_id(item_id, self.id_kind)
+
+    def __len__(self):
+        rows = _call(self.uri, "count", self.client.query, self.store.collection, filter="",
+                     output_fields=["count(*)"], consistency_level=CONSISTENCY)
+        return int(rows[0]["count(*)"])
+
+    def count(self, expression):
+        rows = _call(self.uri, "count", self.client.query, self.store.collection,
+                     filter=expression, output_fields=["count(*)"],
+                     consistency_level=CONSISTENCY)
+        return int(rows[0]["count(*)"])
+
+    def record(self, item_id, vector=False):
+        """``{"id", "label", "category", "path", "attributes"[, "vector"]}`` of one
+        product, or ``None``."""
+        try:
+            pk = str(self.parse_id(item_id))
+        except FashionrecError:
+            return None
+        rows = _call(self.uri, "get", self.client.query, self.store.collection,
+                     ids=[pk], output_fields=self._fields + ["vector"] * vector,
+                     consistency_level=CONSISTENCY)
+        return self._record(rows[0]) if rows else None
+
+    def row_of(self, item_id):
+        """A product's record (truthy) or ``None`` (what ``CatalogIndex.row_of`` tells)."""
+        return self.record(item_id)
+
+    def _record(self, entity):
+        pk = entity["pk"]
+        out = {"id": int(pk) if self.id_kind == "int" else pk, "label": int(entity["label"]),
+               "category": entity.get("category") or None, "path": entity.get("path") or None,
+               "attributes": {name: entity[_attr_field(name)] for name in self.schema
+                              if entity.get(_attr_field(name)) is not None}}
+        if "vector" in entity:
+            out["vector"] = np.asarray(entity["vector"], dtype=np.float32)
+        return out
+
+    def expression(self, label=None, category=None, tree=None, exclude=None):
+        """The Milvus boolean expression of the filters (``""``: none)."""
+        parts = []
+        if label is not None:
+            parts.append(f"label == {int(label)}")
+        if category is not None:
+            parts.append(category_expression(category))
+        if tree is not None:
+            parts.append(filters.to_milvus(tree, _attr_field, nullable=True))
+        if exclude is not None:
+            parts.append(f"pk != {_quote(exclude)}")
+        return " and ".join(f"({p})" for p in parts)
+
+    def nearest(self, vector, k, expression):
+        """``[(record, distance)]``: the ``k`` nearest products matching ``expression``
+        (exactly ``k`` whenever as many match: a short HNSW answer to a selective
+        filter is ranked exactly)."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        hits = _call(self.uri, "search", self.client.search, self.store.collection,
+                     data=[vector.tolist()], limit=int(k), filter=expression,
+                     output_fields=self._fields, consistency_level=CONSISTENCY,
+                     search_params={"metric_type": "L2",
+                                    "params": {"ef": max(self.store.ef_search, int(k))}})[0]
+        out = [(self._record(h["entity"] | {"pk": h.get("pk", h["entity"].get("pk"))}),
+                math.sqrt(max(float(h["distance"]), 0.0))) for h in hits]
+        if len(out) < k and (n := self.count(expression)) > len(out) and n <= EXACT_MAX:
+            out = self._exact(vector, k, expression)
+        return out
+
+    def _exact(self, vector, k, expression):
+        rows = _call(self.uri, "query", self.client.query, self.store.collection,
+                     filter=expression or "pk != \"\"", output_fields=self._fields + ["vector"],
+                     limit=EXACT_MAX, consistency_level=CONSISTENCY)
+        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(-1,
+                                                                                   len(vector))
+        d = np.sqrt(np.maximum(((vectors - vector) ** 2).sum(1), 0.0))
+        order = np.argsort(d, kind="stable")[:k]
+        return [(self._record({k2: v for k2, v in rows[i].items() if k2 != "vector"}),
+                 float(d[i])) for i in order]
+
+    def export(self, progress=False):
+        """Every product with its vector, as a :class:`~fashionrec.index.CatalogIndex`
+        (to move the catalog back into files)."""
+        from tqdm.auto import tqdm
+
+        from .index import CatalogIndex
+
+        rows = []
+        it = _call(self.uri, "read", self.client.query_iterator, self.store.collection,
+                   batch_size=BATCH, filter="", output_fields=self._fields + ["vector"],
+                   consistency_level=CONSISTENCY)
+        with tqdm(desc="milvus read", unit="item", disable=not progress) as bar:
+            while batch := _call(self.uri, "read", it.next):
+                rows += [self._record(r) for r in batch]
+                bar.update(len(batch))
+        it.close()
+        rows.sort(key=lambda r: str(r["id"]))
+        raw = {name: [r["attributes"].get(name) for r in rows] for name in self.schema}
+        dim = len(rows[0]["vector"]) if rows else 0
+        return CatalogIndex(
+            np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), dim),
+            [r["id"] for r in rows], [r["label"] for r in rows], self.class_names,
+            paths=[r["path"] or "" for r in rows],
+            categories=[r["category"] or "" for r in rows], schema=self.schema,
+            attributes=attrs.columns(self.schema, raw, len(rows)))
+
+    def browse(self, expression, offset, limit):
+        """``(total, [record])`` of the products matching ``expression``, ``limit`` from
+        ``offset`` (ordered by id)."""
+        total = self.count(expression)
+        rows = _call(self.uri, "query", self.client.query, self.store.collection,
+                     filter=expression or "pk != \"\"", output_fields=self._fields,
+                     offset=int(offset), limit=int(limit), consistency_level=CONSISTENCY)
+        return total, [self._record(r) for r in sorted(rows, key=lambda r: r["pk"])]

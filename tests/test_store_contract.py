@@ -1,0 +1,361 @@
+"""The catalog store contract, the same assertions for both stores: the file store
+(:class:`fashionrec.store.IndexStore`) and Milvus (:class:`fashionrec.milvus.MilvusStore`,
+against a Milvus Lite server this module starts on 127.0.0.1). Add, remove, generation,
+filters, exactly k, and reads while writes go on; then Milvus' alias switch."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from fashionrec import FashionrecError, queries
+from fashionrec import attributes as attrs
+from fashionrec.index import CatalogIndex
+from fashionrec.store import IndexStore
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+N, DIM = 240, 16
+NAMES = ("Boots", "Sandals", "Totes")
+SCHEMA = {"gender": "string", "price": "float", "year": "integer", "in_stock": "boolean"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory):
+    """A Milvus Lite server on 127.0.0.1 (stopped at the end)."""
+    from fashionrec.milvus import connect
+
+    port = free_port()
+    data = tmp_path_factory.mktemp("milvus")
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                             str(data), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            connect(uri, timeout=2)
+            break
+        except FashionrecError:
+            assert time.monotonic() < deadline, "Milvus Lite never answered"
+            time.sleep(0.3)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def catalog(seed=0, n=N, start=0):
+    """``(index, raw)``: clustered vectors by class, attributes with missing values;
+    ``raw`` is the test's own copy of everything, to compute expected answers from."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(NAMES), n)
+    centres = rng.normal(size=(len(NAMES), DIM)) * 3
+    vectors = (centres[labels] + rng.normal(size=(n, DIM))).astype(np.float32)
+    ids = [f"p{start + i:05d}" for i in range(n)]
+    raw = {"gender": [("Women", "Men", "")[i % 3] for i in range(n)],
+           "price": [f"{(i * 37) % 100 + 0.5}" if i % 7 else "" for i in range(n)],
+           "year": [str(2010 + i % 9) for i in range(n)],
+           "in_stock": [("true", "false")[i % 2] for i in range(n)]}
+    categories = [f"Shoes/{NAMES[lab]}/brand{i % 4}" for i, lab in enumerate(labels)]
+    index = CatalogIndex(vectors, ids, labels, NAMES, categories=categories,
+                         paths=[""] * n, schema=SCHEMA,
+                         attributes=attrs.columns(SCHEMA, raw, n))
+    return index, {"vectors": vectors, "ids": ids, "labels": labels, "raw": raw,
+                   "categories": categories}
+
+
+@pytest.fixture(params=["file", "milvus"])
+def store(request, tmp_path):
+    """``(store, raw)`` of a fresh store holding :func:`catalog`."""
+    index, raw = catalog()
+    if request.param == "file":
+        s = IndexStore(tmp_path / "index.h5")
+        s.write_base(index)
+    else:
+        from fashionrec.milvus import MilvusStore
+
+        uri = request.getfixturevalue("milvus_uri")
+        s = MilvusStore(uri, f"c_{uuid.uuid4().hex[:10]}", NAMES, SCHEMA, "str")
+        s.publish(index)
+    return s, raw
+
+
+def nearest(store, vector, k, **filters):
+    snap = store.snapshot()  # a request's snapshot (the service takes one per request)
+    result = queries.nearest(snap, NAMES, {"kind": "vector"}, vector[None], 0, None, None, k,
+                             **filters)
+    return [i.id for i in result.items], result
+
+
+def expected(raw, vector, k, keep):
+    d = np.sqrt(((raw["vectors"] - vector) ** 2).sum(1))
+    rows = [r for r in np.argsort(d, kind="stable") if keep(r)]
+    return [raw["ids"][r] for r in rows[:k]]
+
+
+def test_unfiltered_answers_are_the_exact_nearest(store):
+    s, raw = store
+    for q in (0, 17, 101):
+        ids, result = nearest(s, raw["vectors"][q], 8)
+        assert ids == expected(raw, raw["vectors"][q], 8, lambda r: True)
+        assert ids[0] == raw["ids"][q] and result.items[0].distance == pytest.approx(0, abs=1e-3)
+
+
+@pytest.mark.parametrize("where,keep", [
+    ('gender == "Women" and price < 50',
+     lambda raw, r: raw["raw"]["gender"][r] == "Women" and raw["raw"]["price"][r] != ""
+     and float(raw["raw"]["price"][r]) < 50),
+    ('not (price >= 30) or in_stock == false',  # missing prices match the not
+     lambda raw, r: not (raw["raw"]["price"][r] != "" and float(raw["raw"]["price"][r]) >= 30)
+     or raw["raw"]["in_stock"][r] == "false"),
+    ('year in [2011, 2015] and gender != "Men"',
+     lambda raw, r: raw["raw"]["year"][r] in ("2011", "2015") and raw["raw"]["gender"][r] != "Men"),
+])
+def test_filters_answer_exactly_k_of_the_matching(store, where, keep):
+    s, raw = store
+    vector = raw["vectors"][5]
+    n_match = sum(keep(raw, r) for r in range(N))
+    for k in (5, n_match):
+        ids, result = nearest(s, vector, k, where=where)
+        assert ids == expected(raw, vector, k, lambda r: keep(raw, r))
+        assert len(ids) == k and result.query["n_candidates"] == n_match
+    ids, _ = nearest(s, vector, 6, where=where, category="boots", same_class=True)
+    assert ids == expected(raw, vector, 6, lambda r: keep(raw, r) and raw["labels"][r] == 0)
+
+
+def test_category_matches_whole_levels(store):
+    s, raw = store
+    ids, result = nearest(s, raw["vectors"][3], 400, category="Sandals/brand1")
+    want = [i for i, c in zip(raw["ids"], raw["categories"], strict=True)
+            if c.lower().startswith("shoes/sandals/brand1")]
+    assert sorted(ids) == sorted(want) and result.query["n_candidates"] == len(want)
+    with pytest.raises(FashionrecError, match="no other catalog item is in category brand"):
+        nearest(s, raw["vectors"][3], 3, category="brand")  # a part of a level: no match
+
+
+def test_add_remove_and_generation(store):
+    s, raw = store
+    g0 = s.generation()
+    new, new_raw = catalog(seed=9, n=4, start=90000)
+    s.add(new)
+    g1 = s.generation()
+    assert g1 > g0
+    ids, result = nearest(s, new_raw["vectors"][2], 1)
+    assert ids == ["p90002"]
+    assert result.items[0].attributes == attrs.row(SCHEMA, new.attributes, 2)
+    with pytest.raises(FashionrecError, match="1 id.s. already in the index, e.g. 'p90001'"):
+        s.add(new.take([1]))
+    assert s.generation() == g1 and len(s.snapshot()) == N + 4
+    s.remove(["p90002", "p00000"])
+    assert s.generation() > g1 and len(s.snapshot()) == N + 2
+    assert nearest(s, new_raw["vectors"][2], 1)[0] != ["p90002"]
+    with pytest.raises(FashionrecError, match="1 id.s. not in the index, e.g. 'nope'; nothing was removed"):
+        s.remove(["p00001", "nope"])  # all or nothing
+    assert len(s.snapshot()) == N + 2
+    assert "p00001" in nearest(s, raw["vectors"][1], 1)[0]
+
+
+def test_reads_during_writes_see_whole_states(store):
+    s, raw = store
+    vector, stop, seen, errors = raw["vectors"][7], threading.Event(), [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                ids, result = nearest(s, vector, 5, where="in_stock == true")
+                seen.append(len(ids))
+                assert all(i.attributes.get("in_stock") is True for i in result.items)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for b in range(4):
+            part, _ = catalog(seed=20 + b, n=10, start=50000 + 10 * b)
+            s.add(part)
+            s.remove([f"p{50000 + 10 * b}"])
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert not errors and seen and set(seen) == {5}
+    assert len(s.snapshot()) == N + 36
+
+
+def test_milvus_publish_switches_the_alias_whole(milvus_uri):
+    from fashionrec.milvus import MilvusStore, public_uri
+
+    old, _ = catalog(seed=1)
+    new, _ = catalog(seed=2, n=60, start=70000)
+    s = MilvusStore(milvus_uri, f"c_{uuid.uuid4().hex[:10]}", NAMES, SCHEMA, "str")
+    first = s.publish(old)
+    stop, kinds, errors = threading.Event(), set(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                snap = s.snapshot()
+                total, items = queries.browse(snap, 0, 500)
+                starts = {str(i.id)[:2] for i in items}
+                assert len(starts) == 1 and total == len(items)
+                kinds.add((starts.pop(), total))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        time.sleep(0.3)
+        second = s.publish(new)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert not errors
+    assert kinds <= {("p0", N), ("p7", 60)} and ("p7", 60) in kinds
+    assert s.current() == second != first
+    record = s.describe()
+    assert record["uri"] == public_uri(milvus_uri) and record["index"]["type"] == "HNSW"
+
+
+def test_milvus_unreachable_is_one_line(tmp_path):
+    from fashionrec.milvus import MilvusStore
+
+    port = free_port()
+    with pytest.raises(FashionrecError) as err:
+        MilvusStore(f"http://user:secret@127.0.0.1:{port}", "c_x", NAMES)
+    message = str(err.value)
+    assert message.startswith(f"Milvus at http://127.0.0.1:{port} is unreachable")
+    assert "secret" not in message and "\n" not in message
+
+
+def test_a_run_moves_into_milvus_and_back(milvus_uri, tmp_path, capsys, monkeypatch):
+    """The CLI: `index --store milvus` copies a trained run's catalog into Milvus, the
+    run then reads and writes there (a second reader sees a write at once), and
+    `index --store file` brings it back, the added product and its attributes too."""
+    from catalogs import CLASSES, draw_product, make_styles
+
+    from fashionrec import Recommender
+    from fashionrec.cli import main
+
+    rows = make_styles(tmp_path / "styles", n_per_class=6)
+    run = tmp_path / "run"
+    assert main(["train", "--catalog", str(tmp_path / "styles/styles.csv"), "--label-column",
+                 "articleType", "--image-size", "32", "--weights", "none", "--epochs", "2",
+                 "--run-dir", str(run), "--no-progress"]) == 0
+    where = 'gender == "Women" and price < 60'
+    before = Recommender.load(run).recommend(item="101", k=4, where=where, with_image=False)
+    monkeypatch.setenv("FASHIONREC_MILVUS_TOKEN", "")
+    uri = milvus_uri.replace("http://", "http://someone:secret@")
+    capsys.readouterr()
+    assert main(["index", "--run-dir", str(run), "--store", "milvus", "--milvus-uri", uri,
+                 "--collection", "shop", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"index: {len(rows)} items in Milvus {milvus_uri}, collection shop" in out
+    record = json.loads((run / "run.json").read_text())["store"]
+    assert record["uri"] == milvus_uri and "secret" not in json.dumps(record)
+    assert record["collection"] == "shop" and record["index"]["type"] == "HNSW"
+
+    a, b = Recommender.load(run), Recommender.load(run)  # two readers
+    assert getattr(a.index_, "remote", False)
+    after = a.recommend(item="101", k=4, where=where, with_image=False)
+    assert [i.id for i in after.items] == [i.id for i in before.items]
+    assert [i.attributes for i in after.items] == [i.attributes for i in before.items]
+    img = tmp_path / "new.png"
+    draw_product(*CLASSES["Bags/Totes"], np.random.default_rng(3), (48, 48)).save(img)
+    assert main(["add", "--run-dir", str(run), "--image", str(img), "--id", "777",
+                 "--attr", "price=1.5", "--attr", "gender=Women", "--no-progress"]) == 0
+    found = b.recommend(item="101", k=1, where="price < 2", with_image=False)
+    assert [(i.id, i.attributes) for i in found.items] == [
+        ("777", {"price": 1.5, "gender": "Women"})]
+    gone = next(r["id"] for r in rows if r["id"] not in {i.id for i in before.items} | {"101"})
+    a.remove([gone])
+    assert b.index_.record(gone) is None and len(b.index_) == len(rows)
+    capsys.readouterr()
+    assert main(["train", "--catalog", str(tmp_path / "styles/styles.csv"), "--label-column",
+                 "articleType", "--image-size", "32", "--weights", "none", "--epochs", "2",
+                 "--run-dir", str(run), "--no-progress"]) == 1
+    assert "is in Milvus; a retrain does not publish there yet" in capsys.readouterr().err
+
+    assert main(["index", "--run-dir", str(run), "--store", "file", "--no-progress"]) == 0
+    assert "store" not in json.loads((run / "run.json").read_text())
+    back = Recommender.load(run)
+    assert not getattr(back.index_, "remote", False) and len(back.index_) == len(rows)
+    assert back.item("777").attributes == {"price": 1.5, "gender": "Women"}
+    again = back.recommend(item="101", k=4, where=where, with_image=False)
+    assert [i.id for i in again.items] == [i.id for i in before.items]
+
+
+def test_an_embedded_milvus_lite_file_answers_the_same(tmp_path):
+    """A ``.db`` URI: Milvus Lite inside this process, the same code."""
+    from fashionrec.milvus import MilvusStore
+
+    index, raw = catalog(seed=4, n=80)
+    s = MilvusStore(tmp_path / "shop.db", "shop", NAMES, SCHEMA, "str")
+    s.publish(index)
+    assert s.describe()["uri"] == str((tmp_path / "shop.db").resolve())
+    where = 'in_stock == true and gender != "Men"'
+    ids, _ = nearest(s, raw["vectors"][4], 5, where=where)
+    assert ids == expected(raw, raw["vectors"][4], 5, lambda r: raw["raw"]["in_stock"][r] ==
+                           "true" and raw["raw"]["gender"][r] != "Men")
+
+
+def test_two_services_on_one_milvus_catalog(milvus_uri, tmp_path):
+    """Two served copies of a Milvus-backed run (in-process apps, one collection): a
+    product added through one is found through the other on the next query, a removal
+    through the other is gone from the first, and filters answer over HTTP."""
+    import io
+
+    from catalogs import CLASSES, draw_product, make_styles
+    from fastapi.testclient import TestClient
+
+    from fashionrec.cli import main
+    from fashionrec.serve import ServeSettings, create_app
+
+    make_styles(tmp_path / "styles", n_per_class=5)
+    run = tmp_path / "run"
+    assert main(["train", "--catalog", str(tmp_path / "styles/styles.csv"), "--label-column",
+                 "articleType", "--image-size", "32", "--weights", "none", "--epochs", "2",
+                 "--run-dir", str(run), "--no-progress"]) == 0
+    assert main(["index", "--run-dir", str(run), "--store", "milvus", "--milvus-uri",
+                 milvus_uri, "--collection", f"s_{uuid.uuid4().hex[:8]}",
+                 "--no-progress"]) == 0
+    buf = io.BytesIO()
+    draw_product(*CLASSES["Bags/Totes"], np.random.default_rng(5), (48, 48)).save(buf, "PNG")
+    auth = {"Authorization": "Bearer k3y"}
+
+    def app():
+        return TestClient(create_app(ServeSettings(str(run), api_key="k3y",
+                                                   check_interval=0.0)))
+
+    with app() as a, app() as b:
+        for c in (a, b):
+            deadline = time.monotonic() + 120
+            while c.get("/api/ready").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        r = a.post("/api/items", headers=auth, files=[("images", ("n.png", buf.getvalue()))],
+                   data={"ids": "n1", "attributes": json.dumps({"price": 0.5})})
+        assert r.status_code == 200, r.text
+        r = b.get("/api/items/100/similar", params={"k": 1, "where": "price < 1"})
+        assert r.status_code == 200 and [i["id"] for i in r.json()["items"]] == ["n1"]
+        assert b.get("/api/items/n1").json()["attributes"] == {"price": 0.5}
+        assert b.delete("/api/items/n1", headers=auth).status_code == 200
+        assert a.get("/api/items/n1").status_code == 404
+        bad = a.get("/api/items/100/similar", params={"where": "colour == 1"})
+        assert bad.status_code == 422 and "unknown attribute 'colour'" in bad.json()["error"]
+        assert a.get("/api/stats").json()["items"] == 15
