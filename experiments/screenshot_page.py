@@ -2,6 +2,8 @@
 Chromium (headless, driven by Selenium) showing an item's recommendations.
 
     python experiments/screenshot_page.py --run-dir experiments/out/serve/items-5k --item 709 --k 7
+    python experiments/screenshot_page.py --run-dir runs/demo-catalog-csv --item 10300 --k 6 \
+        --where 'gender == "Women" and price < 50' --out docs/serve-page-filter.png
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def main():
     p.add_argument("--run-dir", required=True)
     p.add_argument("--item", default="5033")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--where", default=None, help="a filter typed into the page's Filter box")
+    p.add_argument("--height", type=int, default=900, help="window height (px)")
     p.add_argument("--out", default=str(DOCS / "serve-page.png"))
     args = p.parse_args()
     from selenium import webdriver
@@ -52,7 +56,7 @@ def main():
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--no-first-run",
-                     "--window-size=1280,900", f"--user-data-dir={profile}"):
+                     f"--window-size=1280,{args.height}", f"--user-data-dir={profile}"):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=webdriver.ChromeService(
             executable_path=shutil.which("chromedriver")), options=options)
@@ -61,7 +65,14 @@ def main():
             k = driver.find_element(By.ID, "k")
             k.clear()
             k.send_keys(str(args.k))
+            if args.where:
+                where = driver.find_element(By.ID, "where")
+                WebDriverWait(driver, 60).until(lambda d: where.is_displayed())
+                where.send_keys(args.where)
             driver.find_element(By.ID, "find").click()
+            if args.where:  # the filtered answer, not the first one the page showed
+                WebDriverWait(driver, 60).until(lambda d: "Filter: " + args.where in
+                                                d.find_element(By.ID, "query").text)
             WebDriverWait(driver, 60).until(lambda d: d.execute_script(
                 "const i=[...document.querySelectorAll('#grid .card img')];"
                 f"return i.length=={args.k} && i.every(x => x.complete && x.naturalWidth>0)"))

@@ -43,7 +43,9 @@ CONSISTENCY = "Strong"
 HNSW = {"M": 16, "efConstruction": 200}
 EF_SEARCH = 128
 BATCH = 2000  # rows per insert request
-EXACT_MAX = 20000  # a filter this selective that HNSW answers short is ranked exactly
+# a filter this selective that HNSW answers short is ranked exactly (Milvus answers a
+# query with at most 16,384 rows: its default max result window)
+EXACT_MAX = 16384
 ID_MAX, PATH_MAX, CATEGORY_MAX, STRING_MAX = 512, 4096, 2048, 4096
 FIELD_TYPES = {"string": "VARCHAR", "integer": "INT64", "float": "DOUBLE", "boolean": "BOOL"}
 SCALARS = ("pk", "label", "category", "path")
