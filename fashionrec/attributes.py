@@ -182,11 +182,6 @@ def row(schema, cols, r):
     return out
 
 
-def display_name(schema):
-    """The attribute that names a product (``name``, ``title``, ...), or ``None``."""
-    return next((n for n in NAME_ATTRIBUTES if schema.get(n) == "string"), None)
-
-
 def gather(parts, schema, rows, total):
     """The columns of ``schema`` gathered from ``parts`` (``(schema, cols)`` of each
     part) at ``rows`` of each, in order; a part without an attribute, or with it stored

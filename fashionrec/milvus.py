@@ -379,9 +379,7 @@ class MilvusCatalog:
         return parse_id(item_id, self.id_kind)
 
     def __len__(self):
-        rows = _call(self.uri, "count", self.client.query, self.store.collection, filter="",
-                     output_fields=["count(*)"], consistency_level=CONSISTENCY)
-        return int(rows[0]["count(*)"])
+        return self.count("")
 
     def count(self, expression):
         rows = _call(self.uri, "count", self.client.query, self.store.collection,

@@ -4,6 +4,8 @@ writes paced against a retrain."""
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 import time
 
 
@@ -34,3 +36,21 @@ def paced(queue, saving, done):
             saving.wait(0.5)
         yield queue.pop(0)
         after += done.is_set()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(argv, ready, what, timeout):
+    """A server process (``argv``, output piped) once ``ready()`` is true; fails the
+    test with the process's output if it dies first, or after ``timeout`` seconds."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"{what} never became ready"
+        time.sleep(0.2)
+    return proc

@@ -4,14 +4,12 @@ missing, unless FASHIONREC_REQUIRE_BROWSER=1 (CI sets it, after installing them)
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
+from serving import free_port, start_server
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -25,12 +23,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 K = 5
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -60,21 +52,16 @@ def serve(run_dir, run):
     once ready, then stops it cleanly."""
     shutil.copytree(run_dir, run)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
+
+    def ready():
         try:
             with urllib.request.urlopen(url + "/api/ready", timeout=5) as r:
-                if r.status == 200:
-                    break
+                return r.status == 200
         except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.2)
+            return False
+    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
+                         "--host", "127.0.0.1", "--port", str(port)], ready, "the server", 180)
     yield url, run
     proc.terminate()  # SIGTERM: a clean stop
     out, _ = proc.communicate(timeout=60)

@@ -4,8 +4,6 @@ against a Milvus Lite server this module starts on 127.0.0.1). Add, remove, gene
 filters, exactly k, and reads while writes go on; then Milvus' alias switch."""
 
 import json
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -13,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+from serving import free_port, start_server
 
 from fashionrec import FashionrecError, queries
 from fashionrec import attributes as attrs
@@ -27,12 +26,6 @@ NAMES = ("Boots", "Sandals", "Totes")
 SCHEMA = {"gender": "string", "price": "float", "year": "integer", "in_stock": "boolean"}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory):
     """A Milvus Lite server on 127.0.0.1 (stopped at the end)."""
@@ -40,19 +33,16 @@ def milvus_uri(tmp_path_factory):
 
     port = free_port()
     data = tmp_path_factory.mktemp("milvus")
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
-                             str(data), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
+
+    def ready():
         try:
-            connect(uri, timeout=2)
-            break
+            return connect(uri, timeout=2) is not None
         except FashionrecError:
-            assert time.monotonic() < deadline, "Milvus Lite never answered"
-            time.sleep(0.3)
+            return False
+    proc = start_server([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                         str(data), "--host", "127.0.0.1", "--port", str(port)], ready,
+                        "Milvus Lite", 60)
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
