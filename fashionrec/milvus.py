@@ -301,10 +301,11 @@ class MilvusStore(CatalogStore):
 
     # ------------------------------------------------------------ the contract
     def snapshot(self, search=None, log=None):
-        if self.current() is None:
+        name = self.current()
+        if name is None:
             raise FashionrecError(f"Milvus at {public_uri(self.uri)} has no catalog "
                                   f"{self.collection!r}")
-        return MilvusCatalog(self)
+        return MilvusCatalog(self, name)
 
     def _live(self, pks):
         found = set()
@@ -355,15 +356,18 @@ class MilvusStore(CatalogStore):
 
 class MilvusCatalog:
     """A snapshot of a Milvus catalog that holds nothing: each question is a request
-    (see the module doc). It answers what :mod:`fashionrec.queries` asks of a catalog
+    (see the module doc) to the collection the alias named when the snapshot was taken
+    (a publish meanwhile does not mix two catalogs into one answer; the collection it
+    replaced is kept until the next publish). It answers what :mod:`fashionrec.queries` asks of a catalog
     (``remote`` tells it to ask these methods instead of reading columns)."""
 
     remote = True
     images = None
     query_expansion = None
 
-    def __init__(self, store):
+    def __init__(self, store, collection):
         self.store, self.client, self.uri = store, store.client, store.uri
+        self.collection = collection  # what the alias named when the snapshot was taken
         self.class_names, self.schema = store.class_names, store.schema
         self.metadata = {"generation": store.generation()}
         self.base_id = None
@@ -382,7 +386,7 @@ class MilvusCatalog:
         return self.count("")
 
     def count(self, expression):
-        rows = _call(self.uri, "count", self.client.query, self.store.collection,
+        rows = _call(self.uri, "count", self.client.query, self.collection,
                      filter=expression, output_fields=["count(*)"],
                      consistency_level=CONSISTENCY)
         return int(rows[0]["count(*)"])
@@ -394,7 +398,7 @@ class MilvusCatalog:
             pk = str(self.parse_id(item_id))
         except FashionrecError:
             return None
-        rows = _call(self.uri, "get", self.client.query, self.store.collection,
+        rows = _call(self.uri, "get", self.client.query, self.collection,
                      ids=[pk], output_fields=self._fields + ["vector"] * vector,
                      consistency_level=CONSISTENCY)
         return self._record(rows[0]) if rows else None
@@ -431,7 +435,7 @@ class MilvusCatalog:
         (exactly ``k`` whenever as many match: a short HNSW answer to a selective
         filter is ranked exactly)."""
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        hits = _call(self.uri, "search", self.client.search, self.store.collection,
+        hits = _call(self.uri, "search", self.client.search, self.collection,
                      data=[vector.tolist()], limit=int(k), filter=expression,
                      output_fields=self._fields, consistency_level=CONSISTENCY,
                      search_params={"metric_type": "L2",
@@ -443,7 +447,7 @@ class MilvusCatalog:
         return out
 
     def _exact(self, vector, k, expression):
-        rows = _call(self.uri, "query", self.client.query, self.store.collection,
+        rows = _call(self.uri, "query", self.client.query, self.collection,
                      filter=expression or "pk != \"\"", output_fields=self._fields + ["vector"],
                      limit=EXACT_MAX, consistency_level=CONSISTENCY)
         vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(-1,
@@ -461,7 +465,7 @@ class MilvusCatalog:
         from .index import CatalogIndex
 
         rows = []
-        it = _call(self.uri, "read", self.client.query_iterator, self.store.collection,
+        it = _call(self.uri, "read", self.client.query_iterator, self.collection,
                    batch_size=BATCH, filter="", output_fields=self._fields + ["vector"],
                    consistency_level=CONSISTENCY)
         with tqdm(desc="milvus read", unit="item", disable=not progress) as bar:
@@ -483,7 +487,7 @@ class MilvusCatalog:
         """``(total, [record])`` of the products matching ``expression``, ``limit`` from
         ``offset`` (ordered by id)."""
         total = self.count(expression)
-        rows = _call(self.uri, "query", self.client.query, self.store.collection,
+        rows = _call(self.uri, "query", self.client.query, self.collection,
                      filter=expression or "pk != \"\"", output_fields=self._fields,
                      offset=int(offset), limit=int(limit), consistency_level=CONSISTENCY)
         return total, [self._record(r) for r in sorted(rows, key=lambda r: r["pk"])]
