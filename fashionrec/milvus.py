@@ -22,6 +22,7 @@ to Milvus, filters translated into Milvus' boolean expressions
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,7 +35,8 @@ import numpy as np
 
 from . import attributes as attrs
 from . import filters
-from .errors import FashionrecError
+from .errors import FashionrecError, StoreUnavailable
+from .rundir import StaleVersion
 from .store import CatalogStore
 
 ENV_TOKEN = "FASHIONREC_MILVUS_TOKEN"
@@ -46,6 +48,7 @@ BATCH = 2000  # rows per insert request
 # a filter this selective that HNSW answers short is ranked exactly (Milvus answers a
 # query with at most 16,384 rows: its default max result window)
 EXACT_MAX = 16384
+PUBLISH_MAX_S = 600.0  # a publish's flag older than this is a publish that died
 ID_MAX, PATH_MAX, CATEGORY_MAX, STRING_MAX = 512, 4096, 2048, 4096
 FIELD_TYPES = {"string": "VARCHAR", "integer": "INT64", "float": "DOUBLE", "boolean": "BOOL"}
 SCALARS = ("pk", "label", "category", "path")
@@ -110,8 +113,23 @@ def _call(uri, what, fn, *args, **kwargs):
                                 f"({_short(exc)})") from None
 
 
-class MilvusUnavailable(FashionrecError):
+def _on(client, uri, name, what, fn, *args, **kwargs):
+    """``fn(name, *args, **kwargs)`` through :func:`_call`; a collection found released
+    (a restarted Milvus Lite server does not load its collections again) is loaded and
+    the request made once more."""
+    try:
+        return _call(uri, what, fn, name, *args, **kwargs)
+    except MilvusUnavailable as exc:
+        if "load()" not in str(exc) and "not loaded" not in str(exc):
+            raise
+    _call(uri, "load", client.load_collection, name)
+    return _call(uri, what, fn, name, *args, **kwargs)
+
+
+class MilvusUnavailable(StoreUnavailable):
     """Milvus did not answer a request (the service answers 503)."""
+
+    public = "the catalog's store (Milvus) did not answer"
 
 
 def _attr_field(name):
@@ -153,10 +171,19 @@ class MilvusStore(CatalogStore):
         class_names, schema, id_kind: the run's classes, attribute schema and id type
             (from its record).
         guard: called before every write (a retired model version raises).
+        target: the collection this store reads and writes: a model version's own
+            (``run.json`` records it beside the model), or ``None``: the one the
+            alias names.
+        publisher: this store belongs to the publish under way (its writes do not
+            wait for it).
+
+    Writes while a retrain is being published (see :meth:`publishing`) wait for it to
+    end and are then redone on the new version; a write that was under way as it began
+    is either carried over by it or redone, never lost.
     """
 
     def __init__(self, uri, collection, class_names, schema=None, id_kind="str", guard=None,
-                 ef_search=EF_SEARCH, client=None):
+                 ef_search=EF_SEARCH, client=None, target=None, publisher=False):
         if not collection or not collection.replace("_", "a").isalnum() or \
                 collection[0].isdigit():
             raise FashionrecError(f"a Milvus collection name is letters, digits and _ "
@@ -166,13 +193,25 @@ class MilvusStore(CatalogStore):
         self.uri, self.collection = str(uri), collection
         self.class_names, self.schema = tuple(class_names), dict(schema or {})
         self.id_kind, self.guard, self.ef_search = id_kind, guard, ef_search
+        self.target, self.publisher = target, publisher
         self.client = client or connect(uri)
+
+    def pinned(self, name, publisher=False):
+        """This store bound to the collection ``name`` (e.g. one built, not yet
+        published)."""
+        return MilvusStore(self.uri, self.collection, self.class_names, self.schema,
+                           self.id_kind, None if publisher else self.guard, self.ef_search,
+                           self.client, name, publisher)
+
+    @property
+    def _name(self):
+        return self.target or self.collection
 
     # ------------------------------------------------------------ the record
     def describe(self):
         """What ``run.json`` records (no credentials)."""
         return {"kind": "milvus", "uri": public_uri(self.uri), "collection": self.collection,
-                "current": self.current(), "metric": "L2", "consistency": CONSISTENCY,
+                "current": self.target or self.current(), "metric": "L2", "consistency": CONSISTENCY,
                 "index": {"type": "HNSW", **HNSW}, "search": {"ef": self.ef_search}}
 
     def current(self):
@@ -255,6 +294,13 @@ class MilvusStore(CatalogStore):
         old catalog or the new one, whole); the collection before the previous one is
         dropped. Returns the new collection's name."""
         name = self.build(index, progress)
+        self.switch(name)
+        return name
+
+    def switch(self, name):
+        """Point the alias at the built collection ``name`` (one request: readers see
+        the old catalog or the new one, whole); the collection before the previous one
+        is dropped."""
         before = self.current()
         if before is None:
             _call(self.uri, "create alias", self.client.create_alias, name, self.collection)
@@ -266,7 +312,6 @@ class MilvusStore(CatalogStore):
         for old in self.client.list_collections():
             if old.startswith(prefix) and old not in keep and old != self._meta_name:
                 self.client.drop_collection(old)
-        return name
 
     # ------------------------------------------------------------ generation
     @property
@@ -278,7 +323,7 @@ class MilvusStore(CatalogStore):
 
         if not self.client.has_collection(self._meta_name):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=ID_MAX + 16)
             schema.add_field("value", DataType.INT64)
             schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector
             params = MilvusClient.prepare_index_params()
@@ -291,36 +336,121 @@ class MilvusStore(CatalogStore):
         _call(self.uri, "write the generation", self.client.upsert, self._meta(),
               [{"pk": "generation", "value": time.time_ns(), "v": [0.0, 0.0]}])
 
+    def _set(self, rows):
+        _call(self.uri, "write the record", self.client.upsert, self._meta(),
+              [{"value": 1, **r, "v": [0.0, 0.0]} for r in rows])
+
+    def _note(self, kind, pks, unnote):
+        """Remember ids added since the model's training, or removed since the catalog
+        was first trained (a retrain carries these over, as the file store's history
+        does)."""
+        for start in range(0, len(pks), BATCH):
+            chunk = pks[start:start + BATCH]
+            self._set([{"pk": f"{kind}:{p}"} for p in chunk])
+            _call(self.uri, "write the record", self.client.delete, self._meta(),
+                  ids=[f"{unnote}:{p}" for p in chunk])
+
+    def _noted(self, kind):
+        if not self.client.has_collection(self._meta_name):
+            return []
+        it = _on(self.client, self.uri, self._meta_name, "read the record",
+                 self.client.query_iterator, batch_size=BATCH, filter=f'pk like "{kind}:%"',
+                 output_fields=["pk"], consistency_level=CONSISTENCY)
+        out = []
+        while batch := _call(self.uri, "read the record", it.next):
+            out += [r["pk"].split(":", 1)[1] for r in batch]
+        it.close()
+        return out
+
+    @contextlib.contextmanager
+    def publishing(self, longest_s=PUBLISH_MAX_S):
+        """While a retrain's catalog is caught up and published: writes by others wait
+        (a publish that died is forgotten after ``longest_s``)."""
+        self._set([{"pk": "publishing", "value": time.time_ns() + int(longest_s * 1e9)}])
+        try:
+            yield
+        finally:
+            self._set([{"pk": "publishing", "value": 0}])
+
+    def _publishing(self):
+        if self.publisher or not self.client.has_collection(self._meta_name):
+            return False
+        rows = _on(self.client, self.uri, self._meta_name, "read the record",
+                   self.client.query, ids=["publishing"], output_fields=["value"],
+                   consistency_level=CONSISTENCY)
+        return bool(rows) and int(rows[0]["value"]) > time.time_ns()
+
+    def _wait_published(self):
+        deadline = time.monotonic() + PUBLISH_MAX_S
+        while self._publishing() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _writable(self):
+        """Before a write: the guard, and a publish under way waited for (then the
+        guard again: a write for the retired version is redone on the new one)."""
+        if self.guard:
+            self.guard()
+        if self._publishing():
+            self._wait_published()
+            if self.guard:
+                self.guard()
+
+    def _settle(self, pks, present):
+        """After a write: if a publish began meanwhile, wait for it; the write stands if
+        the published catalog has it (it was carried over), else it is redone."""
+        if not self._publishing():
+            return  # a publish not begun yet will find this write when it catches up
+        self._wait_published()
+        live = self._live(pks, self.current())
+        if all((p in live) == present for p in pks):
+            return
+        raise StaleVersion("a retrain was published while this write was made; it is "
+                           "made again on the new version")
+
+    def read_with_history(self):
+        """``(live catalog, ids added since its model's training, ids removed since
+        it was first trained)``, as :meth:`fashionrec.store.IndexStore.read_with_history`."""
+        from .index import parse_id
+
+        index = self.snapshot().export()
+        live = {str(i) for i in index.ids.tolist()}
+        added = [parse_id(p, self.id_kind) for p in self._noted("added") if p in live]
+        removed = [parse_id(p, self.id_kind) for p in self._noted("removed")]
+        return index, added, removed
+
+    def load(self, search=None, log=None, progress=False, reuse=None):
+        """The whole live catalog with its vectors (a :class:`CatalogIndex`)."""
+        return self.snapshot().export(progress)
+
     def generation(self):
         if not self.client.has_collection(self._meta_name):
             return 0
-        rows = _call(self.uri, "read the generation", self.client.query, self._meta_name,
-                     ids=["generation"], output_fields=["value"],
-                     consistency_level=CONSISTENCY)
+        rows = _on(self.client, self.uri, self._meta_name, "read the generation",
+                   self.client.query, ids=["generation"], output_fields=["value"],
+                   consistency_level=CONSISTENCY)
         return int(rows[0]["value"]) if rows else 0
 
     # ------------------------------------------------------------ the contract
     def snapshot(self, search=None, log=None):
-        name = self.current()
-        if name is None:
+        name = self.target or self.current()
+        if name is None or not _call(self.uri, "look up", self.client.has_collection, name):
             raise FashionrecError(f"Milvus at {public_uri(self.uri)} has no catalog "
-                                  f"{self.collection!r}")
+                                  f"{self.collection!r}" + (f" ({name})" if name else ""))
         return MilvusCatalog(self, name)
 
-    def _live(self, pks):
+    def _live(self, pks, name=None):
         found = set()
         for start in range(0, len(pks), 1000):
             chunk = pks[start:start + 1000]
-            rows = _call(self.uri, "query", self.client.query, self.collection,
-                         filter=f"pk in [{', '.join(map(_quote, chunk))}]",
-                         output_fields=["pk"], consistency_level=CONSISTENCY)
+            rows = _on(self.client, self.uri, name or self._name, "query", self.client.query,
+                       filter=f"pk in [{', '.join(map(_quote, chunk))}]",
+                       output_fields=["pk"], consistency_level=CONSISTENCY)
             found |= {r["pk"] for r in rows}
         return found
 
     def add(self, part):
         self._check(part)
-        if self.guard:
-            self.guard()
+        self._writable()
         pks = [str(i) for i in part.ids.tolist()]
         live = self._live(pks)
         clash = [(i, p) for i, p in zip(part.ids.tolist(), pks, strict=True) if p in live]
@@ -328,13 +458,14 @@ class MilvusStore(CatalogStore):
             raise FashionrecError(f"{len(clash)} id(s) already in the index, e.g. "
                                   f"{clash[0][0]!r}; remove them first")
         for start in range(0, len(part), BATCH):
-            _call(self.uri, "insert", self.client.insert, self.collection,
+            _call(self.uri, "insert", self.client.insert, self._name,
                   self._rows(part, start, min(start + BATCH, len(part))))
+        self._note("added", pks, "removed")
         self._bump()
+        self._settle(pks, present=True)
 
     def remove(self, ids):
-        if self.guard:
-            self.guard()
+        self._writable()
         from .index import parse_id
 
         ids = list(dict.fromkeys(parse_id(i, self.id_kind) for i in ids))
@@ -344,12 +475,14 @@ class MilvusStore(CatalogStore):
         if unknown:
             raise FashionrecError(f"{len(unknown)} id(s) not in the index, e.g. "
                                   f"{unknown[0]!r}; nothing was removed")
-        _call(self.uri, "delete", self.client.delete, self.collection, ids=pks)
+        _call(self.uri, "delete", self.client.delete, self._name, ids=pks)
+        self._note("removed", pks, "added")
         self._bump()
+        self._settle(pks, present=False)
 
     def compact(self, search=None, progress=False, log=None):
         """Milvus compacts its segments itself; this asks it to now."""
-        name = self.current()
+        name = self.target or self.current()
         if name is not None:
             _call(self.uri, "compact", self.client.compact, name)
 
@@ -358,8 +491,9 @@ class MilvusCatalog:
     """A snapshot of a Milvus catalog that holds nothing: each question is a request
     (see the module doc) to the collection the alias named when the snapshot was taken
     (a publish meanwhile does not mix two catalogs into one answer; the collection it
-    replaced is kept until the next publish). It answers what :mod:`fashionrec.queries` asks of a catalog
-    (``remote`` tells it to ask these methods instead of reading columns)."""
+    replaced is kept until the next publish). It answers what :mod:`fashionrec.queries`
+    asks of a catalog (``remote`` tells it to ask these methods instead of reading
+    columns)."""
 
     remote = True
     images = None
@@ -385,10 +519,17 @@ class MilvusCatalog:
     def __len__(self):
         return self.count("")
 
+    def _read(self, what, fn, *args, **kwargs):
+        return _on(self.client, self.uri, self.collection, what, fn, *args, **kwargs)
+
+    def ping(self):
+        """Raise :class:`MilvusUnavailable` unless the catalog answers a request."""
+        self._read("ping", self.client.query, filter="", limit=1, output_fields=["pk"])
+
     def count(self, expression):
-        rows = _call(self.uri, "count", self.client.query, self.collection,
-                     filter=expression, output_fields=["count(*)"],
-                     consistency_level=CONSISTENCY)
+        rows = self._read("count", self.client.query,
+                          filter=expression, output_fields=["count(*)"],
+                          consistency_level=CONSISTENCY)
         return int(rows[0]["count(*)"])
 
     def record(self, item_id, vector=False):
@@ -398,9 +539,9 @@ class MilvusCatalog:
             pk = str(self.parse_id(item_id))
         except FashionrecError:
             return None
-        rows = _call(self.uri, "get", self.client.query, self.collection,
-                     ids=[pk], output_fields=self._fields + ["vector"] * vector,
-                     consistency_level=CONSISTENCY)
+        rows = self._read("get", self.client.query,
+                          ids=[pk], output_fields=self._fields + ["vector"] * vector,
+                          consistency_level=CONSISTENCY)
         return self._record(rows[0]) if rows else None
 
     def row_of(self, item_id):
@@ -435,11 +576,11 @@ class MilvusCatalog:
         (exactly ``k`` whenever as many match: a short HNSW answer to a selective
         filter is ranked exactly)."""
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        hits = _call(self.uri, "search", self.client.search, self.collection,
-                     data=[vector.tolist()], limit=int(k), filter=expression,
-                     output_fields=self._fields, consistency_level=CONSISTENCY,
-                     search_params={"metric_type": "L2",
-                                    "params": {"ef": max(self.store.ef_search, int(k))}})[0]
+        hits = self._read("search", self.client.search,
+                          data=[vector.tolist()], limit=int(k), filter=expression,
+                          output_fields=self._fields, consistency_level=CONSISTENCY,
+                          search_params={"metric_type": "L2", "params": {
+                              "ef": max(self.store.ef_search, int(k))}})[0]
         out = [(self._record(h["entity"] | {"pk": h.get("pk", h["entity"].get("pk"))}),
                 math.sqrt(max(float(h["distance"]), 0.0))) for h in hits]
         if len(out) < k and (n := self.count(expression)) > len(out) and n <= EXACT_MAX:
@@ -447,9 +588,9 @@ class MilvusCatalog:
         return out
 
     def _exact(self, vector, k, expression):
-        rows = _call(self.uri, "query", self.client.query, self.collection,
-                     filter=expression or "pk != \"\"", output_fields=self._fields + ["vector"],
-                     limit=EXACT_MAX, consistency_level=CONSISTENCY)
+        rows = self._read("query", self.client.query, filter=expression or "pk != \"\"",
+                          output_fields=self._fields + ["vector"], limit=EXACT_MAX,
+                          consistency_level=CONSISTENCY)
         vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(-1,
                                                                                    len(vector))
         d = np.sqrt(np.maximum(((vectors - vector) ** 2).sum(1), 0.0))
@@ -465,9 +606,9 @@ class MilvusCatalog:
         from .index import CatalogIndex
 
         rows = []
-        it = _call(self.uri, "read", self.client.query_iterator, self.collection,
-                   batch_size=BATCH, filter="", output_fields=self._fields + ["vector"],
-                   consistency_level=CONSISTENCY)
+        it = self._read("read", self.client.query_iterator,
+                        batch_size=BATCH, filter="", output_fields=self._fields + ["vector"],
+                        consistency_level=CONSISTENCY)
         with tqdm(desc="milvus read", unit="item", disable=not progress) as bar:
             while batch := _call(self.uri, "read", it.next):
                 rows += [self._record(r) for r in batch]
@@ -487,7 +628,7 @@ class MilvusCatalog:
         """``(total, [record])`` of the products matching ``expression``, ``limit`` from
         ``offset`` (ordered by id)."""
         total = self.count(expression)
-        rows = _call(self.uri, "query", self.client.query, self.collection,
-                     filter=expression or "pk != \"\"", output_fields=self._fields,
-                     offset=int(offset), limit=int(limit), consistency_level=CONSISTENCY)
+        rows = self._read("query", self.client.query,
+                          filter=expression or "pk != \"\"", output_fields=self._fields,
+                          offset=int(offset), limit=int(limit), consistency_level=CONSISTENCY)
         return total, [self._record(r) for r in sorted(rows, key=lambda r: r["pk"])]

@@ -147,7 +147,7 @@ def store_of(version, meta, lock_wait=0.0, guard=None):
     data = meta.get("dataset", {})
     return MilvusStore(where["uri"], where["collection"], data.get("class_names", ()),
                        meta.get("attributes"), where.get("id_kind", "str"), guard,
-                       where.get("search", {}).get("ef", 128))
+                       where.get("search", {}).get("ef", 128), target=where.get("current"))
 
 
 def _legacy_scaler(index, version):
@@ -164,7 +164,7 @@ class _Previous:
 
     version: object
     metadata: dict
-    store: IndexStore
+    store: object  # IndexStore, or a MilvusStore
     index: CatalogIndex
     added: list  # ids added since its model was trained, still live
     removed: list  # ids removed since its catalog was first trained
@@ -186,6 +186,9 @@ def publish(trained, run_dir, force=False, log=print):
         version = run.new_version(meta["run_id"])
         carry = prev is not None and _compatible(prev, trained, say)
         index = _carry(trained, prev, say) if carry else trained.index
+        if prev is not None and not isinstance(prev.store, IndexStore):
+            _publish_milvus(trained, run, version, prev, index, carry, say)
+            return load_version(run.path, log=None)
         store = IndexStore.of(version)
         _write(trained, version, store, index)
         if not carry:
@@ -205,10 +208,9 @@ def _previous(run, force, say):
     except FashionrecError:
         meta = {}
     if (meta.get("store") or {}).get("kind", "file") != "file":  # never --force-d away
-        raise FashionrecError(
-            f"the catalog of {run.path} is in Milvus; a retrain does not publish there "
-            f"yet: move it back first (fashionrec index --run-dir {run.path} --store "
-            f"file), retrain, then move it again")
+        version = run.current(meta)
+        store = store_of(version, meta)
+        return _Previous(version, meta, store, *store.read_with_history())
     try:
         meta = run.read()
         version = run.current(meta)
@@ -229,11 +231,36 @@ def _previous(run, force, say):
 def _write(trained, version, store, index):
     run_id = trained.metadata["run_id"]
     trained.embedder.save(version, run_id)
-    store.write_base(index)
+    if store is not None:
+        store.write_base(index)
     if trained.report is not None:
         write_json(version.report, trained.report)
     if trained.split is not None:
         write_json(version.split, {"run_id": run_id, **trained.split.to_dict()})
+
+
+def _publish_milvus(trained, run, version, prev, index, carry, say):
+    """Publish into the Milvus catalog of ``prev``: a new collection is built with the
+    carried-over catalog; then, while writes by others wait (``publishing``), the writes
+    made during the retrain are applied to it, the alias is switched to it and
+    ``run.json`` names the model and the collection together."""
+    meta = trained.metadata
+    if meta["search"].get("dba") or meta["search"].get("query_expansion"):
+        raise FashionrecError("query expansion and database-side augmentation need the "
+                              "catalog's vectors at hand: they are not supported with the "
+                              "Milvus store (train without --dba-k / --qe-k)")
+    _write(trained, version, None, index)
+    store = type(prev.store)(prev.store.uri, prev.store.collection, index.class_names,
+                             index.schema, index.id_kind, client=prev.store.client)
+    name = store.build(index)
+    built = store.pinned(name, publisher=True)
+    say(f"publish: {len(index)} products in Milvus collection {name!r}")
+    with prev.store.publishing():
+        if carry:
+            _catch_up(trained, built, prev.index, prev.store.load(), say)
+        store.switch(name)
+        record = {**prev.metadata["store"], **built.describe(), "id_kind": index.id_kind}
+        run.publish(version, {**meta, "store": record})
 
 
 def _compatible(prev, trained, say):
@@ -281,7 +308,7 @@ def _catch_up(trained, store, seen, now, say):
     during the retrain is newer than the training's own copy of the product."""
     fresh = _changed(seen, now)
     gone = [i for i in seen.ids.tolist() if now.row_of(i) is None]
-    current = store.load()
+    current = store.load() if isinstance(store, IndexStore) else store.snapshot()
     stale = [i for i in [*now.ids[fresh].tolist(), *gone] if current.row_of(i) is not None]
     if stale:
         store.remove(stale)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 
@@ -44,13 +45,43 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(argv, ready, what, timeout):
-    """A server process (``argv``, output piped) once ``ready()`` is true; fails the
-    test with the process's output if it dies first, or after ``timeout`` seconds."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(argv, ready, what, timeout, env=None):
+    """A server process (``argv``, output piped, environment ``env``) once ``ready()``
+    is true; fails the test with the process's output if it dies first, or after
+    ``timeout`` seconds."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, f"{what} never became ready"
         time.sleep(0.2)
     return proc
+
+
+def milvus_lite(data_dir, port, timeout=60):
+    """A Milvus Lite server on 127.0.0.1:``port`` keeping its data in ``data_dir``,
+    once it answers: ``(process, uri)``."""
+    from fashionrec.errors import FashionrecError
+    from fashionrec.milvus import connect
+
+    uri = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return connect(uri, timeout=2) is not None
+        except FashionrecError:
+            return False
+    proc = start_server([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                         str(data_dir), "--host", "127.0.0.1", "--port", str(port)], ready,
+                        "Milvus Lite", timeout)
+    return proc, uri
+
+
+def stop(proc, timeout=30):
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

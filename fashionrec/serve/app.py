@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, images, living
+from ..errors import StoreUnavailable
 from .batcher import MicroBatcher
-from .context import ApiError, Context, json_error, n_items
+from .context import ApiError, Context, json_error, n_items, store_down
 from .routers import ROUTERS
 from .state import RunWatcher
 
@@ -190,6 +191,11 @@ def add_error_handlers(app):
     @app.exception_handler(ApiError)
     async def api_error(request, exc):
         return json_error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_error(request, exc):  # raised outside a route's own error handling
+        down = store_down(exc)
+        return json_error(down.status, down.message, down.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):

@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from .. import filters
-from ..errors import FashionrecError
+from ..errors import FashionrecError, StoreUnavailable
 from ..rundir import StaleVersion
 from .pictures import DisplayCache
 from .uploads import Uploads
@@ -29,6 +29,24 @@ class ApiError(Exception):
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+RETRY_AFTER_S = 1  # what a client told "busy" or "the store did not answer" waits
+
+
+def refusal(exc, status):
+    """The answer to a library error: 503 with ``Retry-After`` when the catalog's store
+    did not answer (:class:`~fashionrec.errors.StoreUnavailable`), else ``status``."""
+    if isinstance(exc, StoreUnavailable):
+        return store_down(exc)
+    return ApiError(status, str(exc))
+
+
+def store_down(exc):
+    """503 for a :class:`~fashionrec.errors.StoreUnavailable` (the store's address and
+    the failure are for the log: ``/api/ready`` and the service's log say more)."""
+    return ApiError(503, f"{exc.public}; try again in {RETRY_AFTER_S} s",
+                    {"Retry-After": str(RETRY_AFTER_S)})
 
 
 def json_error(status, message, headers=None, **extra):
@@ -61,9 +79,7 @@ class Context:
         pass ``reload=False`` (no model is ever loaded on the event loop)."""
         if not self.watcher.ready:
             raise ApiError(503, "the service is starting: the model is loading")
-        current = self.watcher.current(reload)
-        self.metrics.items.set(len(current.index_))
-        return current
+        return self.watcher.current(reload)
 
     def check_write(self, request):
         """401 / 403 unless the request carries the API key (writes need it)."""
@@ -108,7 +124,7 @@ class Context:
                 out = write(rec)
             except FashionrecError as exc:
                 conflict = isinstance(exc, StaleVersion) or "being updated" in str(exc)
-                raise ApiError(409 if conflict else status, str(exc)) from None
+                raise refusal(exc, 409 if conflict else status) from None
             self.watcher.after_write(rec, run_id)
         return out, rec
 

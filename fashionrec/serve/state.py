@@ -11,6 +11,10 @@ looks at the run's record and its catalog's manifest (two ``stat`` calls):
   (``Recommender.load`` refuses a half-saved run), warmed, then swapped in whole;
   until then the old one answers.
 
+A catalog in a Milvus server is asked whether it answers at every look as well: while
+it does not, ``/api/ready`` says so (routes that need it answer 503), and once it
+answers again the service is ready again by itself.
+
 Writes made through the service (add, remove) and reloads are serialised by one lock.
 A write that leaves the catalog past the compaction rules (see
 :func:`fashionrec.living.compaction_due`) starts a compaction in a background thread
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import living
-from ..errors import FashionrecError
+from ..errors import FashionrecError, StoreUnavailable
 from ..recommend import Recommender
 from ..rundir import RunDir
 
@@ -57,6 +61,7 @@ class RunWatcher:
         self._last_check = time.monotonic()
         self.ready = False
         self.photo_error = None  # why photo queries cannot be answered, if they cannot
+        self.store_error = None  # why the catalog's store does not answer, while it does not
 
     def _load(self):
         rec = Recommender.load(self.run_dir, log=self.log)
@@ -91,12 +96,35 @@ class RunWatcher:
         self._stop = threading.Event()
 
         def loop():
-            while not self._stop.wait(max(self.check_interval, 0.1)):
+            while not self._stop.wait(self.probe_interval):
                 try:
                     self.current()
                 except Exception:  # noqa: BLE001 - logged; the next look tries again
                     logging.getLogger("fashionrec.serve").exception("reload failed")
+                self.check_store()
         threading.Thread(target=loop, name="fashionrec-watch", daemon=True).start()
+
+    @property
+    def probe_interval(self):
+        """Seconds between the background thread's looks."""
+        return max(self.check_interval, 0.1)
+
+    def check_store(self):
+        """Ask a catalog kept in a server (Milvus) whether it answers: remember why
+        not (for ``/api/ready``), and forget it once it answers again."""
+        index = self.rec.index_
+        if not getattr(index, "remote", False):
+            return
+        try:
+            index.ping()
+        except StoreUnavailable as exc:
+            if self.store_error is None:
+                self.log(f"serve: not ready: {exc}")
+            self.store_error = exc.public
+            return
+        if self.store_error is not None:
+            self.log("serve: the catalog's store answers again: ready")
+        self.store_error = None
 
     def stop(self):
         if getattr(self, "_stop", None) is not None:

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from ...catalog import Catalog
 from ...errors import FashionrecError
-from ..context import ApiError, Ctx, item_json, n_items, result_json
+from ..context import ApiError, Ctx, item_json, n_items, refusal, result_json
 from ..schemas import ERRORS, Added, Item, Page, Removed, Similar
 
 router = APIRouter(responses=ERRORS)
@@ -24,7 +24,7 @@ def _item(rec, item_id):
     try:
         return rec.item(item_id)
     except FashionrecError as exc:
-        raise ApiError(404, str(exc)) from None
+        raise refusal(exc, 404) from None
 
 
 @router.get("/api/items", summary="Browse the catalog", response_model=Page)
@@ -38,7 +38,7 @@ def items(ctx: Ctx, offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, l
     try:
         total, found = rec.browse(offset, limit, class_name, category, where)
     except FashionrecError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise refusal(exc, 422) from None
     return {"total": total, "offset": offset, "limit": limit,
             "items": [item_json(item) for item in found]}
 
@@ -55,7 +55,7 @@ def similar_to_item(ctx: Ctx, item_id: str, k: int = Query(6, ge=1), same_class:
         result = rec.recommend(item=item_id, k=k, same_class=same_class, category=category,
                                where=where, with_image=False)
     except FashionrecError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise refusal(exc, 422) from None
     return result_json(result)
 
 
@@ -66,7 +66,7 @@ def item_image(ctx: Ctx, item_id: str):
     try:
         data = ctx.pictures.picture(ctx.rec(), item_id)
     except FashionrecError as exc:
-        raise ApiError(404, str(exc)) from None
+        raise refusal(exc, 404) from None
     if data is None:
         raise ApiError(404, f"the picture of item {item_id!r} is missing")
     return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
@@ -138,7 +138,7 @@ def _catalog(batch, ids, labels, given=None):
                                   ids=ids or [Path(name).stem for name in batch.names],
                                   attributes=given)
     except FashionrecError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise refusal(exc, 422) from None
 
 
 def _attributes_form(form, n):

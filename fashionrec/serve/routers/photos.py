@@ -16,14 +16,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from ... import images
-from ...errors import FashionrecError
+from ...errors import FashionrecError, StoreUnavailable
 from ..batcher import QueueFull
-from ..context import ApiError, Ctx, result_json
+from ..context import RETRY_AFTER_S, ApiError, Ctx, refusal, result_json
 from ..schemas import ERRORS, Similar
 
 router = APIRouter(responses=ERRORS)
 
-RETRY_AFTER_S = 1  # what a client told "the photo queue is full" waits before retrying
 UNAVAILABLE = ("photo queries are unavailable here: the run's backbone cannot be loaded "
                "on this server")  # the full reason (it names files) is in the log only
 _TOO_LARGE = ("more pixels than the limit", "is more than the limit of")
@@ -53,6 +52,8 @@ async def similar_to_photo(ctx: Ctx, request: Request, image: Annotated[UploadFi
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     try:
         result = await answer(request, future, ctx.settings.photo_timeout_s)
+    except StoreUnavailable as exc:
+        raise refusal(exc, 503) from None
     except FashionrecError as exc:
         message = str(exc)
         if any(text in message for text in _TOO_LARGE):

@@ -21,6 +21,9 @@ async def health():
 async def ready(ctx: Ctx):
     if not ctx.watcher.ready:
         return json_error(503, "the service is starting: the model is loading", ready=False)
+    if ctx.watcher.store_error:
+        return json_error(503, f"{ctx.watcher.store_error}; the service retries every "
+                               f"{ctx.watcher.probe_interval:g} s", ready=False)
     return {"ready": True}
 
 

@@ -1,0 +1,138 @@
+"""Stateless replicas: two `fashionrec serve` processes (two ports) on one Milvus Lite
+server that the test starts on 127.0.0.1, spoken to over HTTP only.
+
+An add through one replica is found through the other on the next query, a removal
+through the other is gone from the first, a retrain's publish is picked up by both,
+and while the Milvus server is down the routes that need it answer 503 with
+``{"error": ...}``, ``/api/health`` stays up, ``/api/ready`` says why, and both
+recover by themselves once it is back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+from serving import free_port, milvus_lite, start_server, stop
+
+pytest.importorskip("milvus_lite")
+httpx = pytest.importorskip("httpx")
+
+KEY = "r3plica"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _train(styles, run, seed):
+    from fashionrec.cli import main
+
+    assert main(["train", "--catalog", str(styles), "--label-column", "articleType",
+                 "--image-size", "32", "--weights", "none", "--epochs", "2", "--seed",
+                 str(seed), "--run-dir", str(run), "--no-progress"]) == 0
+
+
+def _serve(run, port):
+    """A `fashionrec serve` process, once ``/api/ready`` says yes."""
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/api/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    env = {**os.environ, "FASHIONREC_API_KEY": KEY}
+    argv = [sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run), "--host",
+            "127.0.0.1", "--port", str(port)]
+    proc = start_server(argv, ready, "fashionrec serve", 180, env)
+    return proc, httpx.Client(base_url=url, timeout=30)
+
+
+def _png(rng):
+    from catalogs import CLASSES, draw_product
+
+    buf = io.BytesIO()
+    draw_product(*CLASSES["Bags/Totes"], rng, (48, 48)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_two_replicas_on_one_milvus_server(tmp_path):
+    from catalogs import make_styles
+
+    from fashionrec.cli import main
+
+    port, data = free_port(), tmp_path / "milvus"
+    milvus, uri = milvus_lite(data, port)
+    procs = []
+    try:
+        make_styles(tmp_path / "styles", n_per_class=5)
+        styles, run = tmp_path / "styles/styles.csv", tmp_path / "run"
+        _train(styles, run, seed=1)
+        assert main(["index", "--run-dir", str(run), "--store", "milvus", "--milvus-uri", uri,
+                     "--collection", "shop", "--no-progress"]) == 0
+        (pa, a), (pb, b) = _serve(run, free_port()), _serve(run, free_port())
+        procs += [pa, pb]
+        n = a.get("/api/stats").json()["items"]
+
+        # an add through A is found through B on the very next query
+        rng = np.random.default_rng(7)
+        for i in range(5):
+            r = a.post("/api/items", headers=AUTH, files=[("images", ("p.png", _png(rng)))],
+                       data={"ids": f"n{i}", "attributes": json.dumps({"price": 0.1 * i})})
+            assert r.status_code == 200, r.text
+            got = b.get("/api/items/100/similar", params={"k": 1, "where": f"price == {0.1 * i}"})
+            assert got.status_code == 200 and [x["id"] for x in got.json()["items"]] == [f"n{i}"]
+        bad = a.get("/api/items/100/similar", params={"where": "colour == 1"})
+        assert bad.status_code == 422 and "unknown attribute 'colour'" in bad.json()["error"]
+        # a removal through B is gone from A
+        assert b.delete("/api/items/n0", headers=AUTH).status_code == 200
+        assert a.get("/api/items/n0").status_code == 404
+        assert a.get("/api/stats").json()["items"] == b.get("/api/stats").json()["items"] == n + 4
+
+        # a retrain's publish (alias switched, run.json naming model and collection) is
+        # picked up by both; the products added through the service are carried over
+        old_run = a.get("/api/stats").json()["run"]["run_id"]
+        _train(styles, run, seed=2)
+        new_run = json.loads((run / "run.json").read_text())["run_id"]
+        assert new_run != old_run
+        for c in (a, b):
+            _until(lambda c=c: c.get("/api/stats").json()["run"]["run_id"] == new_run, 120,
+                   "a replica did not pick up the retrain")
+            assert c.get("/api/stats").json()["items"] == n + 4
+            assert c.get("/api/items/n3").json()["attributes"] == {"price": 0.1 * 3}
+            assert c.get("/api/items/n0").status_code == 404
+
+        # Milvus down: 503 with an error on the routes that need it, health stays up,
+        # ready says why; back up: both ready again by themselves
+        before = a.get("/api/items/100/similar", params={"k": 3}).json()["items"]
+        stop(milvus)
+        r = a.get("/api/items/100/similar", params={"k": 3})
+        assert r.status_code == 503 and "Milvus" in r.json()["error"], r.text
+        assert "127.0.0.1" not in r.json()["error"] and r.headers["retry-after"] == "1"
+        assert b.get("/api/items", params={"limit": 2}).status_code == 503
+        r = b.post("/api/items", headers=AUTH, files=[("images", ("p.png", _png(rng)))],
+                   data={"ids": "late"})
+        assert r.status_code == 503 and "error" in r.json()
+        for c in (a, b):
+            assert c.get("/api/health").status_code == 200
+            _until(lambda c=c: c.get("/api/ready").status_code == 503, 10, "still ready")
+            assert "Milvus" in c.get("/api/ready").json()["error"]
+        milvus, _ = milvus_lite(data, port)
+        for c in (a, b):
+            _until(lambda c=c: c.get("/api/ready").status_code == 200, 60, "never recovered")
+        again = b.get("/api/items/100/similar", params={"k": 3})
+        assert again.status_code == 200 and again.json()["items"] == before
+    finally:
+        for proc in procs:
+            stop(proc)
+        stop(milvus)
