@@ -136,3 +136,42 @@ def test_two_replicas_on_one_milvus_server(tmp_path):
         for proc in procs:
             stop(proc)
         stop(milvus)
+
+
+def test_metrics_add_up_over_workers(trained_run, tmp_path):
+    """`serve --workers 2`: whichever worker answers a scrape, the request counter
+    holds every worker's requests (Prometheus' multiprocess registry)."""
+    import shutil
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, run_dir = trained_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/api/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir",
+                         str(tmp_path / "run"), "--host", "127.0.0.1", "--port", str(port),
+                         "--workers", "2"], ready, "fashionrec serve --workers 2", 240)
+    try:
+        _until(lambda: all(ready() for _ in range(6)), 120, "a worker never became ready")
+        ids = [i["id"] for i in httpx.get(f"{url}/api/items").json()["items"]]
+        n = 40
+        for i in range(n):  # a new connection each: the workers share them
+            r = httpx.get(f"{url}/api/items/{ids[i % len(ids)]}/similar", params={"k": 2})
+            assert r.status_code == 200, r.text
+        for _ in range(6):
+            text = httpx.get(f"{url}/metrics").text
+            samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+            answered = sum(s.value for s in samples if s.name == "fashionrec_requests_total"
+                           and s.labels["route"] == "/api/items/{item_id:path}/similar")
+            assert answered == n, text
+            items = [s.value for s in samples if s.name == "fashionrec_items"]
+            assert items == [httpx.get(f"{url}/api/stats").json()["items"]]
+    finally:
+        stop(proc)

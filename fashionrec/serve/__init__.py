@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from .app import ServeSettings, create_app
 from .state import RunWatcher
 
@@ -46,6 +48,27 @@ def app_from_env():
 _SETTINGS_VAR = "FASHIONREC_SERVE_SETTINGS"
 
 
+@contextlib.contextmanager
+def _metrics_folder():
+    """``PROMETHEUS_MULTIPROC_DIR`` for the workers (set before they start, so their
+    metrics are written there and summed by every scrape): the one given, else a
+    fresh temporary folder removed at the end."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="fashionrec-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def uvicorn_options(settings, host="127.0.0.1", port=8000):
     """The keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` for ``settings``:
     from ``settings.max_connections`` open connections (or requests in flight) on, a
@@ -77,7 +100,9 @@ def run(settings, host="127.0.0.1", port=8000, workers=1, log=print):
     if workers > 1:
         del watcher  # checked that it loads; each worker loads its own
         os.environ[_SETTINGS_VAR] = json.dumps(dataclasses.asdict(settings))
-        uvicorn.run("fashionrec.serve:app_from_env", factory=True, workers=workers, **config)
+        with _metrics_folder():
+            uvicorn.run("fashionrec.serve:app_from_env", factory=True, workers=workers,
+                        **config)
         return
     app = create_app(settings, watcher=watcher, log=log)
 

@@ -12,6 +12,7 @@ request id and answered 500 with that id only.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -83,7 +84,14 @@ class ServeSettings:
 
 
 class _Metrics:
+    """The service's Prometheus metrics. Under ``--workers N`` (``PROMETHEUS_MULTIPROC_DIR``
+    set by :func:`fashionrec.serve.run`), every worker writes its values into that
+    folder and a scrape, whichever worker answers it, reads all of them: counters and
+    histograms summed, the item count the largest among live workers, the photo queue
+    summed over live workers (:meth:`exposition`)."""
+
     def __init__(self):
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         self.requests = Counter("fashionrec_requests", "HTTP requests",
                                 ["route", "method", "status"], registry=self.registry)
@@ -92,11 +100,32 @@ class _Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                                           2.5, 5, 10))
         self.items = Gauge("fashionrec_items", "Items in the served index",
-                           registry=self.registry)
+                           registry=self.registry, multiprocess_mode="livemax")
         self.queue = Gauge("fashionrec_photo_queue", "Photo queries waiting for a batch",
-                           registry=self.registry)
+                           registry=self.registry, multiprocess_mode="livesum")
         self.batch = Histogram("fashionrec_photo_batch_size", "Photo queries per backbone call",
                                registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
+
+    def exposition(self, items, queue):
+        """The text a scrape gets, after setting this process's gauges (``items``, the
+        photo ``queue``; ``items=None``: as last set)."""
+        from prometheus_client import generate_latest, multiprocess
+
+        if items is not None:
+            self.items.set(items)
+        self.queue.set(queue)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self):
+        """This worker's live gauges leave the totals (multiprocess mode)."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class BodyLimit:
@@ -233,7 +262,6 @@ def create_app(settings, watcher=None, log=None):
     batcher = MicroBatcher(lambda requests: watcher.current(False).recommend_batch(requests),
                            settings.max_batch, settings.max_wait_ms / 1e3,
                            on_batch=metrics.batch.observe, max_queue=settings.max_queue)
-    metrics.queue.set_function(batcher.pending)
 
     def warm():
         try:
@@ -248,6 +276,7 @@ def create_app(settings, watcher=None, log=None):
         yield
         watcher.stop()
         batcher.close()
+        metrics.close()
 
     app = FastAPI(title="fashionrec", version=__version__, lifespan=lifespan,
                   description="Visually similar products: recommend by item id or by photo, "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from ...errors import StoreUnavailable
 from ..context import Ctx, json_error
 from ..schemas import ERRORS, Health, Ready, Stats
 
@@ -35,6 +38,8 @@ def stats(ctx: Ctx):
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 def prometheus(ctx: Ctx):
-    if ctx.watcher.ready:
-        ctx.metrics.items.set(len(ctx.watcher.rec.index_))
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    items = None  # metrics stay up while the catalog's store does not answer
+    with contextlib.suppress(StoreUnavailable):
+        items = len(ctx.watcher.rec.index_) if ctx.watcher.ready else 0
+    return Response(ctx.metrics.exposition(items, ctx.batcher.pending()),
+                    media_type=CONTENT_TYPE_LATEST)
