@@ -27,12 +27,12 @@ KEY = "r3plica"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _train(styles, run, seed):
+def _train(styles, run, seed, *more):
     from fashionrec.cli import main
 
     assert main(["train", "--catalog", str(styles), "--label-column", "articleType",
                  "--image-size", "32", "--weights", "none", "--epochs", "2", "--seed",
-                 str(seed), "--run-dir", str(run), "--no-progress"]) == 0
+                 str(seed), "--run-dir", str(run), "--no-progress", *more]) == 0
 
 
 def _serve(run, port):
@@ -69,17 +69,15 @@ def _until(check, timeout, what):
 def test_two_replicas_on_one_milvus_server(tmp_path):
     from catalogs import make_styles
 
-    from fashionrec.cli import main
-
     port, data = free_port(), tmp_path / "milvus"
     milvus, uri = milvus_lite(data, port)
     procs = []
     try:
         make_styles(tmp_path / "styles", n_per_class=5)
         styles, run = tmp_path / "styles/styles.csv", tmp_path / "run"
-        _train(styles, run, seed=1)
-        assert main(["index", "--run-dir", str(run), "--store", "milvus", "--milvus-uri", uri,
-                     "--collection", "shop", "--no-progress"]) == 0
+        _train(styles, run, 1, "--store", "milvus", "--milvus-uri", uri, "--collection",
+               "shop")
+        assert json.loads((run / "run.json").read_text())["store"]["collection"] == "shop"
         (pa, a), (pb, b) = _serve(run, free_port()), _serve(run, free_port())
         procs += [pa, pb]
         n = a.get("/api/stats").json()["items"]
@@ -102,7 +100,7 @@ def test_two_replicas_on_one_milvus_server(tmp_path):
         # a retrain's publish (alias switched, run.json naming model and collection) is
         # picked up by both; the products added through the service are carried over
         old_run = a.get("/api/stats").json()["run"]["run_id"]
-        _train(styles, run, seed=2)
+        _train(styles, run, 2)
         new_run = json.loads((run / "run.json").read_text())["run_id"]
         assert new_run != old_run
         for c in (a, b):

@@ -299,3 +299,98 @@ def test_an_embedded_milvus_lite_file_answers_the_same(tmp_path):
     ids, _ = nearest(s, raw["vectors"][4], 5, where=where)
     assert ids == expected(raw, raw["vectors"][4], 5, lambda r: raw["raw"]["in_stock"][r] ==
                            "true" and raw["raw"]["gender"][r] != "Men")
+
+
+def test_train_into_milvus_is_checked_before_training(tmp_path, capsys):
+    """`train --store milvus`: a dataset run, a missing option or an unreachable server
+    is one line, before any training (nothing is written)."""
+    from fashionrec.cli import main
+
+    run = tmp_path / "run"
+    port = free_port()
+    cases = [
+        (["--store", "milvus", "--milvus-uri", "x.db", "--collection", "c"],
+         "--store milvus keeps product catalogs (--catalog)"),
+        (["--catalog", str(tmp_path), "--store", "milvus", "--collection", "c"],
+         "--store milvus needs --milvus-uri and --collection"),
+        (["--catalog", str(tmp_path), "--store", "milvus", "--collection", "c",
+          "--milvus-uri", f"http://127.0.0.1:{port}"],
+         f"Milvus at http://127.0.0.1:{port} is unreachable"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["train", "--run-dir", str(run), "--no-progress", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+        assert not run.exists()
+
+
+def test_milvus_writes_meet_a_publish_and_are_never_lost(milvus_uri):
+    """A write that arrives while a retrain is being published waits for it and is then
+    redone on the new version; one that was under way as the publish began is carried
+    over by it and stands (not redone, not lost)."""
+    from fashionrec.milvus import MilvusStore
+    from fashionrec.rundir import StaleVersion
+
+    old, _ = catalog(seed=1, n=40)
+    alias = f"c_{uuid.uuid4().hex[:10]}"
+    s = MilvusStore(milvus_uri, alias, NAMES, SCHEMA, "str")
+    first = s.publish(old)
+    retired = threading.Event()
+
+    def guard():
+        if retired.is_set():
+            raise StaleVersion("retired")
+    writer = s.pinned(first)
+    writer.guard = guard
+    part, _ = catalog(seed=2, n=2, start=90000)
+
+    def republish():
+        """What a retrain's publish does under its flag: catch up, build, switch."""
+        new = s.pinned(first).load()  # the old catalog as it is now, writes included
+        name = s.build(new)
+        s.switch(name)
+        retired.set()
+        return name
+
+    # 1. under way: the publish begins between the insert and the write's end
+    note = writer._note
+
+    def begins_now(*args):
+        note(*args)
+        if args[0] == "added" and not retired.is_set():
+            flag.__enter__()
+            threading.Thread(target=finish).start()
+
+    def finish():
+        time.sleep(0.5)
+        finish.name = republish()
+        flag.__exit__(None, None, None)
+    flag = s.publishing()
+    writer._note = begins_now
+    writer.add(part)  # waits for the publish, finds its products carried over: stands
+    assert s.snapshot().collection == finish.name
+    assert all(s.snapshot().record(i) is not None for i in part.ids.tolist())
+
+    # 2. arriving during a publish: waits, then redone on the new version
+    retired.clear()
+    writer._note = note
+    late, _ = catalog(seed=3, n=1, start=95000)
+    with s.publishing():
+        out = []
+        t = threading.Thread(target=lambda: out.append(_raises(writer.add, late)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()  # waiting
+        republish()
+    t.join(timeout=30)
+    assert isinstance(out[0], StaleVersion)
+    assert s.snapshot().record(late.ids.tolist()[0]) is None  # nothing half-done
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
+    return None

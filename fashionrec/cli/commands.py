@@ -67,13 +67,40 @@ def cmd_train(args):
     cfg = config_from_args(args, catalog)
     run = RunDir(args.run_dir)
     run.check_target(args.force)  # before the training, not after it
+    store = _store_choice(args, catalog)
     rec = (_fit_catalog if catalog else _fit_dataset)(args, cfg, run)
     rec.save(run.path, force=args.force, log=print)
+    if store is not None:
+        _move_store(rec, args, store)
     curves = plot_history(rec.head_.history_, run.plot("curves"))
     print(f"backbone:       {rec.metadata_['backbone_description']}")
     (_report_catalog if catalog else _report_dataset)(rec, cfg, run)
     print(f"curves:         {curves}")
     return 0
+
+
+def _store_choice(args, catalog):
+    """``--store``, checked before a training: Milvus for catalog runs, reachable."""
+    if args.store is None:
+        return None
+    if args.store == "milvus":
+        if not catalog:
+            raise FashionrecError("--store milvus keeps product catalogs (--catalog), not "
+                                  "a dataset's stored images")
+        if not args.milvus_uri or not args.collection:
+            raise FashionrecError("--store milvus needs --milvus-uri and --collection")
+        from ..milvus import connect
+
+        connect(args.milvus_uri)  # unreachable: one line now, not after the training
+    return {"kind": args.store, "uri": args.milvus_uri, "collection": args.collection}
+
+
+def _move_store(rec, args, store):
+    record = rec.reindex(None, progress=not args.no_progress, store=store)
+    where = (f"Milvus {record['uri']}, collection {record['collection']} (HNSW, L2)"
+             if record["kind"] == "milvus" else "the run's files")
+    print(f"index: {len(rec.index_)} items in {where}; recorded in "
+          f"{RunDir(args.run_dir).run_file}")
 
 
 def _check_train_options(args, catalog):
@@ -257,12 +284,8 @@ def cmd_index(args):
         if any(v is not None for v in params.values()):
             raise FashionrecError("--store moves the catalog; give the search options in "
                                   "another `fashionrec index` call")
-        record = rec.reindex(None, progress=not args.no_progress, store={
-            "kind": args.store, "uri": args.milvus_uri, "collection": args.collection})
-        where = (f"Milvus {record['uri']}, collection {record['collection']} (HNSW, L2)"
-                 if record["kind"] == "milvus" else "the run's files")
-        print(f"index: {len(rec.index_)} items in {where}; recorded in "
-              f"{RunDir(args.run_dir).run_file}")
+        _move_store(rec, args, {"kind": args.store, "uri": args.milvus_uri,
+                                "collection": args.collection})
         return 0
     spec = rec.reindex(params.pop("search"), progress=not args.no_progress, **params)
     pending = rec.index_.metadata.get("n_updates", 0)

@@ -106,6 +106,9 @@ def _train(sub):
                         "files may be overwritten)")
     _output_options(t)
     _search_options(t)
+    _store_options(t, "where the catalog lives: the run's files (default), or Milvus "
+                      "(--milvus-uri, --collection; catalog runs); a retrain of a run in "
+                      "Milvus publishes there")
     c = t.add_argument_group(
         "your own products (instead of --dataset)",
         "--catalog FOLDER: class = the first --label-depth folder levels; "
@@ -214,22 +217,24 @@ def _index(sub):
                  f"and record the choice in {_RUN.run_file.name}.", search=True)
 
 
+def _store_options(p, text):
+    g = p.add_argument_group("catalog store")
+    g.add_argument("--store", choices=("file", "milvus"), default=None, help=text)
+    g.add_argument("--milvus-uri", default=None, metavar="URI",
+                   help="a Milvus Lite .db file or http://host:19530 (credentials: "
+                        "FASHIONREC_MILVUS_TOKEN or FASHIONREC_MILVUS_TOKEN_FILE)")
+    g.add_argument("--collection", default=None,
+                   help="the Milvus collection alias the catalog is read through")
+
+
 def _run_command(sub, name, summary, description, search=False):
     """A verb that works on a trained run (``--run-dir``, progress options)."""
     p = sub.add_parser(name, help=summary, description=description)
     _run_dir_option(p)
     if search:
         _search_options(p, required=True)
-        g = p.add_argument_group("catalog store")
-        g.add_argument("--store", choices=("file", "milvus"), default=None,
-                       help="move the catalog: into Milvus (a new collection behind the "
-                            "alias --collection, at --milvus-uri) or back into the run's "
-                            "files")
-        g.add_argument("--milvus-uri", default=None, metavar="URI",
-                       help="a Milvus Lite .db file or http://host:19530 (credentials: "
-                            "FASHIONREC_MILVUS_TOKEN or FASHIONREC_MILVUS_TOKEN_FILE)")
-        g.add_argument("--collection", default=None,
-                       help="the Milvus collection alias the catalog is read through")
+        _store_options(p, "move the catalog: into Milvus (a new collection behind the "
+                          "alias --collection, at --milvus-uri) or back into the run's files")
     _output_options(p)
     return p
 
