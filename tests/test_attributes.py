@@ -265,12 +265,14 @@ def test_the_api_filters_and_shows_attributes(client):
     assert page["total"] == len(allowed) + 1
     assert {i["id"] for i in page["items"]} == allowed | {"102"}
     assert client.get("/api/stats").json()["attributes"] == EXPECTED_SCHEMA
+    from test_filters import BAD  # the bad-filter corpus, every case over HTTP
+
     for bad, text in (("colour == 1", "unknown attribute 'colour'"),
                       ("price < \"x\"", "price is a float attribute"),
-                      ("(price", "filter:")):
+                      ("(price", "filter:"), *[(t, m) for t, m in BAD if t.strip()]):
         for resp in (client.get("/api/items/102/similar", params={"where": bad}),
                      client.get("/api/items", params={"where": bad})):
-            assert resp.status_code == 422 and text in resp.json()["error"]
+            assert resp.status_code == 422 and text in resp.json()["error"], (bad, resp.text)
 
 
 def test_the_photo_route_filters_and_uploads_carry_attributes(client, tmp_path):

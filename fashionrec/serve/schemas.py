@@ -79,7 +79,7 @@ _WHEN = {400: "the request or its image cannot be read",
          409: "the catalog is being updated, or the model changed meanwhile: send it again",
          413: "the body is over the upload limit, or the image over the pixel budget",
          422: "a parameter or the uploaded data is not valid",
-         503: "starting, the photo queue is full (with Retry-After), or photo queries "
-              "are off",
+         503: "starting, the photo queue is full or the catalog's store (Milvus) does "
+              "not answer (with Retry-After), or photo queries are off",
          504: "the photo query was not answered in time"}
 ERRORS = {status: {"model": Error, "description": text} for status, text in _WHEN.items()}
