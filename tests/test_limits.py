@@ -63,6 +63,8 @@ class StubRec:
 
 
 class StubWatcher:
+    store_error, probe_interval = None, 1.0  # a file-backed run: its store always answers
+
     def __init__(self, run_dir, rec, photo_error=None):
         self.run_dir, self.rec, self.photo_error, self.ready = run_dir, rec, photo_error, False
 

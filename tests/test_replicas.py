@@ -157,18 +157,23 @@ def test_metrics_add_up_over_workers(trained_run, tmp_path):
                          str(tmp_path / "run"), "--host", "127.0.0.1", "--port", str(port),
                          "--workers", "2"], ready, "fashionrec serve --workers 2", 240)
     try:
-        _until(lambda: all(ready() for _ in range(6)), 120, "a worker never became ready")
         ids = [i["id"] for i in httpx.get(f"{url}/api/items").json()["items"]]
-        n = 40
+        n, sent, deadline = 40, 0, time.monotonic() + 120
         for i in range(n):  # a new connection each: the workers share them
-            r = httpx.get(f"{url}/api/items/{ids[i % len(ids)]}/similar", params={"k": 2})
+            while True:  # the other worker may still be loading its model: 503, asked again
+                r = httpx.get(f"{url}/api/items/{ids[i % len(ids)]}/similar", params={"k": 2})
+                sent += 1
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert r.status_code == 200, r.text
         for _ in range(6):
             text = httpx.get(f"{url}/metrics").text
             samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-            answered = sum(s.value for s in samples if s.name == "fashionrec_requests_total"
-                           and s.labels["route"] == "/api/items/{item_id:path}/similar")
-            assert answered == n, text
+            similar = [s for s in samples if s.name == "fashionrec_requests_total"
+                       and s.labels["route"] == "/api/items/{item_id:path}/similar"]
+            assert sum(s.value for s in similar if s.labels["status"] == "200") == n, text
+            assert sum(s.value for s in similar) == sent, text
             items = [s.value for s in samples if s.name == "fashionrec_items"]
             assert items == [httpx.get(f"{url}/api/stats").json()["items"]]
     finally:
