@@ -9,7 +9,8 @@ It is the one place where images become standardized vectors::
     the 512-d ``dense_mid`` embedding -> mean over the views -> standardized
 
 It is immutable once trained: fitting, queries, ``add``, a retrain's carry-over,
-evaluation and the service all call it.
+evaluation and the service all call it. An OpenVINO run loads *lean* (a NumPy head and
+the backbone's OpenVINO IR, no TensorFlow: :mod:`fashionrec.lean`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import numpy as np
 from sklearn.preprocessing import StandardScaler
 
 from .artifacts import read_json, scaler_from_arrays, scaler_to_arrays, write_json
+from .engine import read_ir, save_ir
 from .errors import FashionrecError
 from .extract import FeatureExtractor, ViewCache, rebuild_backbone
 from .head import ClassifierHead
+from .lean import NumpyHead, export_head
+from .lean import wanted as lean_wanted
 
 PLAIN = ((None, False),)  # the one view of a dataset run's square gray images
 
@@ -33,24 +37,30 @@ class Embedder:
 
     Args:
         info: the backbone's :class:`~fashionrec.extract.BackboneInfo`.
-        head: a trained :class:`~fashionrec.head.ClassifierHead`.
+        head: a trained :class:`~fashionrec.head.ClassifierHead` (or its NumPy copy,
+            :class:`~fashionrec.lean.NumpyHead`).
         scaler: the fitted StandardScaler of the catalog's embeddings.
         views: ``(fit, mirrored)`` of every view a product photo is seen in
             (:meth:`RunConfig.views`); :data:`PLAIN` for Fashion-MNIST runs.
         batch_size: images per backbone call.
         extractor: an already built :class:`~fashionrec.extract.FeatureExtractor`
             (training has one); else it is built from ``info`` on first use.
+        backbone_ir: the backbone's saved OpenVINO IR (``backbone.xml``) to build it
+            from, without Keras (an OpenVINO run loaded lean); else it is rebuilt
+            from ``info``.
 
     Example:
         >>> emb = Recommender.load("runs/default").embedder_      # doctest: +SKIP
         >>> probs, vectors = emb.encode_images(images)             # doctest: +SKIP
     """
 
-    def __init__(self, info, head, scaler, views=PLAIN, batch_size=32, extractor=None):
+    def __init__(self, info, head, scaler, views=PLAIN, batch_size=32, extractor=None,
+                 backbone_ir=None):
         self.info, self.head, self.scaler = info, head, scaler
         self.views = tuple((f, bool(m)) for f, m in views)
         self.batch_size = batch_size
         self._extractor = extractor
+        self.backbone_ir = backbone_ir
         self._lock = threading.Lock()
 
     @classmethod
@@ -102,7 +112,8 @@ class Embedder:
         if self._extractor is None:
             with self._lock:
                 if self._extractor is None:
-                    model = rebuild_backbone(self.info)
+                    model = (read_ir(self.backbone_ir, self.info) if self.backbone_ir
+                             else rebuild_backbone(self.info))
                     self._extractor = FeatureExtractor(model, self.info, self.batch_size)
         return self._extractor
 
@@ -147,9 +158,15 @@ class Embedder:
 
     # ------------------------------------------------------------ persistence
     def save(self, version, run_id):
-        """Write the head and the embedding scaler into a version folder
+        """Write the head (Keras, and its NumPy copy), the embedding scaler and, for an
+        OpenVINO run, the backbone as OpenVINO IR into a version folder
         (:class:`~fashionrec.rundir.Version`)."""
         self.head.save(version.head_model, version.head_state, run_id=run_id)
+        export_head(self.head, version.head_weights, run_id)
+        if self.info.engine == "openvino":
+            model = (self._extractor.model if self._extractor is not None
+                     else rebuild_backbone(self.info))
+            save_ir(model, self.info, version.backbone_ir)
         write_json(version.embedder, {
             "run_id": run_id,
             "scaler": {k: np.asarray(v).tolist() for k, v in scaler_to_arrays(self.scaler).items()}})
@@ -157,8 +174,16 @@ class Embedder:
     @classmethod
     def load(cls, version, info, views, batch_size, run_id, legacy_scaler=None):
         """The embedder of a version folder; ``legacy_scaler()`` gives the scaler of a run
-        saved before ``embedder.json`` existed (it was kept in the index file)."""
-        head = ClassifierHead.load(version.head_model, version.head_state)
+        saved before ``embedder.json`` existed (it was kept in the index file).
+
+        An OpenVINO run loads lean where its version has the files
+        (:func:`fashionrec.lean.wanted`): the NumPy head, and the backbone from its IR;
+        a run saved before them loads the Keras head and rebuilds the backbone."""
+        lean = lean_wanted(info)
+        if lean and version.head_weights.is_file():
+            head = NumpyHead.load(version.head_weights, version.head_state)
+        else:
+            head = ClassifierHead.load(version.head_model, version.head_state)
         if version.embedder.is_file():
             state = read_json(version.embedder, "embedder file")
             try:
@@ -172,7 +197,8 @@ class Embedder:
         if {head.run_id_, owner} != {run_id}:
             raise FashionrecError(f"{version.folder} mixes files of two runs (an "
                                   f"interrupted save?); re-run `make train`")
-        return cls(info, head, scaler, views, batch_size)
+        ir = version.backbone_ir if lean and version.backbone_ir.is_file() else None
+        return cls(info, head, scaler, views, batch_size, backbone_ir=ir)
 
 
 def _mean_outputs(head, per_view):

@@ -1,8 +1,10 @@
 """Inference engines for the frozen backbone: the same network, run by Keras or by
 OpenVINO, in float32 or bfloat16.
 
-The head always stays in Keras; only the backbone (the bulk of a run's time) changes
-engine. ``auto`` picks OpenVINO in bfloat16 where OpenVINO is installed and the CPU
+Only the backbone (the bulk of a run's time) changes engine. An OpenVINO run also saves
+its converted backbone as OpenVINO IR (:func:`save_ir`) beside a NumPy copy of its head
+(:mod:`fashionrec.lean`): loaded from those (:func:`read_ir`), it answers without
+importing TensorFlow. ``auto`` picks OpenVINO in bfloat16 where OpenVINO is installed and the CPU
 computes bfloat16 natively (AVX-512 BF16 or AMX), else Keras in float32 (the recipe).
 The engine and precision a run used are part of its :class:`~fashionrec.extract.BackboneInfo`
 (so of its feature cache's key), and a saved run answers photo queries with the same.
@@ -104,8 +106,9 @@ class KerasEngine:
 
 
 class OpenVINOEngine:
-    """The backbone converted to OpenVINO (in memory, from the Keras model) and
-    compiled for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16; any batch size.
+    """The backbone converted to OpenVINO (in memory, from the Keras model, or read
+    from a run's saved IR: an ``openvino.Model``) and compiled for the CPU with
+    ``INFERENCE_PRECISION_HINT`` f32 or bf16; any batch size.
 
     Compiled for throughput: each batch is cut into one slice per OpenVINO stream (one
     per core or pair of cores, as it chooses), and :meth:`map` keeps the next batch's
@@ -117,18 +120,13 @@ class OpenVINOEngine:
     name = "openvino"
 
     def __init__(self, model, precision="float32", image_size=224):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise FashionrecError(f"engine openvino: OpenVINO is not installed "
-                                  f"({OPENVINO_HINT})") from None
-        import warnings
-
+        ov = _openvino()
         self.precision = precision
         try:
-            with warnings.catch_warnings():  # Keras warns about the input's structure
-                warnings.simplefilter("ignore")
-                converted = ov.convert_model(model, input=[(-1, image_size, image_size, 3)])
+            # a model read from IR is converted already; a Keras one is converted here
+            # (not kept: the compiled model holds its own copy of the weights)
+            converted = model if isinstance(model, ov.Model) else _convert(ov, model,
+                                                                            image_size)
             self.compiled = ov.Core().compile_model(converted, "CPU", {
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
                 "PERFORMANCE_HINT": "THROUGHPUT"})
@@ -198,6 +196,92 @@ def make_engine(model, engine, precision, image_size):
     if engine == "openvino":
         return OpenVINOEngine(model, precision, image_size)
     raise FashionrecError(f"unknown engine {engine!r}; one of keras, openvino")
+
+
+def save_ir(model, info, xml_path):
+    """Write the backbone as OpenVINO IR: ``xml_path`` and the ``.bin`` beside it (its
+    float32 weights, uncompressed), each atomically, the weights first (an ``.xml``
+    always names a complete pair). ``model``: an ``openvino.Model`` (an
+    :class:`OpenVINOEngine`'s ``converted``) or the Keras backbone. The IR records the
+    backbone's fingerprint and description, which :func:`read_ir` checks.
+
+    Args:
+        model: the backbone.
+        info: its :class:`~fashionrec.extract.BackboneInfo`.
+        xml_path: where the IR goes (``Version.backbone_ir``).
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .artifacts import atomic_path
+
+    ov = _openvino()
+    if not isinstance(model, ov.Model):
+        try:
+            model = _convert(ov, model, info.image_size)
+        except Exception as exc:  # conversion raises many types
+            raise FashionrecError(f"engine openvino could not convert the backbone "
+                                  f"({short_reason(exc)[:200]})") from None
+    for key, value in _ir_tags(info).items():
+        model.set_rt_info(value, [IR_SECTION, key])
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".backbone-ir.", dir=xml_path.parent) as tmp:
+        ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+        for name, target in (("model.bin", xml_path.with_suffix(".bin")),
+                             ("model.xml", xml_path)):
+            with atomic_path(target) as out:
+                shutil.move(Path(tmp) / name, out)
+    return xml_path
+
+
+def read_ir(xml_path, info):
+    """The backbone saved by :func:`save_ir`, as an ``openvino.Model`` (read directly:
+    no Keras, no TensorFlow). A file that is unreadable, or that was saved for
+    another backbone (its fingerprint), is a one-line :class:`FashionrecError`."""
+    ov = _openvino()
+    try:
+        model = ov.Core().read_model(str(xml_path))
+    except Exception as exc:  # OpenVINO raises RuntimeError with multi-line reasons
+        raise FashionrecError(f"cannot read the backbone IR {xml_path} "
+                              f"({short_reason(exc)[:200]})") from None
+    tags = {}
+    for key in _ir_tags(info):
+        if model.has_rt_info([IR_SECTION, key]):
+            tags[key] = model.get_rt_info([IR_SECTION, key]).astype(str)
+    if tags.get("fingerprint") != info.fingerprint:
+        raise FashionrecError(f"the backbone IR {xml_path} was saved for another backbone "
+                              f"(fingerprint {tags.get('fingerprint')}, the run's is "
+                              f"{info.fingerprint})")
+    return model
+
+
+IR_SECTION = "fashionrec"  # the IR's rt_info section that describes the backbone
+
+
+def _ir_tags(info):
+    return {"fingerprint": info.fingerprint, "image_size": str(info.image_size),
+            "feature_dim": str(info.feature_dim), "pooling": info.pooling,
+            "description": info.describe(public=True)}
+
+
+def _convert(ov, model, image_size):
+    """The Keras backbone as an ``openvino.Model`` taking ``(N, S, S, 3)`` batches."""
+    import warnings
+
+    with warnings.catch_warnings():  # Keras warns about the input's structure
+        warnings.simplefilter("ignore")
+        return ov.convert_model(model, input=[(-1, image_size, image_size, 3)])
+
+
+def _openvino():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise FashionrecError(f"engine openvino: OpenVINO is not installed "
+                              f"({OPENVINO_HINT})") from None
+    return ov
 
 
 def _mixed_bfloat16(model):

@@ -367,16 +367,28 @@ def _check_same_file(path, sha256):
                           f"restore it or re-train")
 
 
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)  # ResNet50's "caffe" preprocessing
+
+
 def to_model_input(images, image_size):
     """A batch of images (``(N, H, W)``, ``(N, H, W, 1)`` or ``(N, H, W, 3)``, 0-255,
     RGB) resized to ``image_size``, gray turned RGB (:func:`~fashionrec.images.model_batch`),
-    and ``preprocess_input`` applied."""
-    from keras.applications.resnet50 import preprocess_input
-
+    and ResNet50's ``preprocess_input`` applied (:func:`preprocess_input`)."""
     x = model_batch(images, image_size)  # a new array: preprocess_input works in place
     # contiguous here (preprocess_input's RGB -> BGR is a reversed view), so the copy is
     # made in the decoding threads, not on the engine's critical path
     return np.ascontiguousarray(preprocess_input(x))
+
+
+def preprocess_input(x):
+    """``keras.applications.resnet50.preprocess_input`` of a float32 channels-last
+    batch, in NumPy (no Keras import): RGB to BGR, then each channel less its ImageNet
+    mean, the same operations in the same order (bit for bit the same). Works in place
+    and returns a reversed view, as Keras does."""
+    x = x[..., ::-1]
+    for c, mean in enumerate(IMAGENET_BGR_MEAN):
+        x[..., c] -= mean
+    return x
 
 
 def prefetch(jobs, workers=2, depth=4):

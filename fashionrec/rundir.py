@@ -7,7 +7,8 @@ shares::
       run.json              the current version's record (config, backbone, dataset,
                             scores, search) and which version folder it is: the
                             pointer that publishing replaces atomically
-      versions/<run_id>/    one model version: head.keras, head.json, embedder.json,
+      versions/<run_id>/    one model version: head.keras, head.json, head_weights.h5,
+                            (OpenVINO runs) backbone.xml + .bin, embedder.json,
                             index.h5 (+ index.manifest.json, index.d/, index.lock: the
                             living catalog), split.json, catalog_report.json
       features/             the feature cache (keyed by backbone and content)
@@ -51,6 +52,9 @@ class StaleVersion(FashionrecError):
 VERSION_FILES = {
     "head_model": "head.keras",  # the head's network
     "head_state": "head.json",  # its feature scaler, settings, history
+    "head_weights": "head_weights.h5",  # the head as NumPy arrays (fashionrec.lean)
+    "backbone_ir": "backbone.xml",  # OpenVINO runs: the backbone as OpenVINO IR ...
+    "backbone_ir_weights": "backbone.bin",  # ... and its weights
     "embedder": "embedder.json",  # the embedding scaler
     "index": "index.h5",  # the catalog's base rows
     "index_manifest": "index.manifest.json",  # its updates since, and its search graph

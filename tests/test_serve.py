@@ -403,7 +403,9 @@ def test_the_batcher_shares_one_call_between_requests_that_arrive_together():
 
 def test_a_run_copied_without_its_backbone_still_serves_items(tiny_config, tmp_path):
     """A run whose backbone file and training data are gone (copied elsewhere) loads,
-    answers item queries (library, CLI and HTTP) and says photo queries are off."""
+    answers item queries (library, CLI and HTTP) and says photo queries are off. (A
+    Keras-engine run: an OpenVINO one keeps its backbone as IR in the run, see
+    test_lean.py.)"""
     import re
 
     from models import tiny_backbone
@@ -412,8 +414,8 @@ def test_a_run_copied_without_its_backbone_still_serves_items(tiny_config, tmp_p
 
     (tmp_path / "bb").mkdir()
     backbone = tiny_backbone(tmp_path / "bb" / "tiny.keras")
-    rec = Recommender(tiny_config, backbone=str(backbone), weights="imagenet").fit(
-        progress=False, log=None)
+    rec = Recommender(tiny_config, backbone=str(backbone), weights="imagenet",
+                      engine="keras").fit(progress=False, log=None)
     rec.save(tmp_path / "run")
     shutil.rmtree(tmp_path / "bb")
     moved = tmp_path / "elsewhere"

@@ -335,7 +335,11 @@ def cmd_serve(args):
         raise FashionrecError(f"serve needs its extra: pip install 'fashionrec[serve]' "
                               f"({exc.name} is missing)") from None
     from ..images import MAX_PIXELS
+    from ..lean import ENGINE_PATH_VAR, engine_path
 
+    if args.engine_path:  # the workers of --workers N inherit it
+        os.environ[ENGINE_PATH_VAR] = args.engine_path
+    engine_path()  # a bad FASHIONREC_ENGINE_PATH is a one-line error
     key = os.environ.get("FASHIONREC_API_KEY") or None
     if args.api_key_file:
         key = Path(args.api_key_file).read_text().strip()

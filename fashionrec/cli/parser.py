@@ -17,6 +17,7 @@ from ..config import (
     TRAIN_ON,
     RunConfig,
 )
+from ..lean import ENGINE_PATHS
 from ..rundir import RunDir
 
 DESCRIPTION = ("fashionrec train | extract | recommend | add | remove | compact | index | "
@@ -277,6 +278,11 @@ def _serve(sub):
     sv.add_argument("--workers", type=_positive, default=1,
                     help="processes serving the port, each with its own model "
                          "(default: %(default)s)")
+    sv.add_argument("--engine-path", choices=ENGINE_PATHS, default=None,
+                    help="auto: an OpenVINO run is served without TensorFlow (its NumPy "
+                         "head and OpenVINO IR backbone; runs saved before them load as "
+                         "before); keras: always the Keras head and TensorFlow (default: "
+                         "the FASHIONREC_ENGINE_PATH variable, else auto)")
     for flag, kind, default, text in _SERVE_LIMITS:
         sv.add_argument(flag, type=kind, default=default,
                         help=f"{text} (default: %(default)s)")
