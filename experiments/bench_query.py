@@ -69,8 +69,10 @@ def old_knn_search(queries, vectors, k, block_size=8192):
     return np.take_along_axis(best_i, order, axis=1), np.take_along_axis(best_d, order, axis=1)
 
 
-def make_vectors(kind, n, n_queries, seed=0):
-    """``(catalog (n, 512) float32, queries (n_queries, 512) float32, note)``."""
+def make_vectors(kind, n, n_queries, seed=0, with_labels=False):
+    """``(catalog (n, 512) float32, queries (n_queries, 512) float32, note)``; with
+    ``with_labels`` (``clustered`` only) also the catalog's classes, ``(n,)``: the
+    Fashion-MNIST class of the real embedding each vector is (or copies)."""
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
         return (rng.standard_normal((n, DIM), dtype=np.float32),
@@ -97,8 +99,12 @@ def make_vectors(kind, n, n_queries, seed=0):
     picks = rng.integers(0, len(real), n_queries)
     queries = (np.asarray(real[np.sort(picks)]) + sigma * rng.standard_normal(
         (n_queries, DIM), dtype=np.float32)).astype(np.float32)
-    return vectors, queries, (f"real embeddings + N(0, {sigma:.3f}^2) noise per dimension "
-                              f"(noise norm = median 1-NN distance {sigma * np.sqrt(DIM):.2f})")
+    note = (f"real embeddings + N(0, {sigma:.3f}^2) noise per dimension "
+            f"(noise norm = median 1-NN distance {sigma * np.sqrt(DIM):.2f})")
+    if with_labels:
+        labels = np.load(path.with_name(path.stem + "-labels.npy"))
+        return vectors, queries, note, labels[order[np.arange(n) % len(real)]]
+    return vectors, queries, note
 
 
 def timed(fn, *args):

@@ -132,6 +132,91 @@ def test_hnsw_never_returns_fewer_rows_than_exist():
     assert sorted(rows[0].tolist()) == [5, 900, 2999]
 
 
+def test_exact_gathers_a_filter_in_blocks_equal_to_cdist():
+    V = clustered(3000)
+    Q = V[[3, 1500, 2999]] + 0.01
+    allowed = np.flatnonzero(np.arange(3000) % 3 != 1)
+    exclude = np.array([3, 1501, -1])  # an allowed row, a row not allowed, none
+    for search in (ExactSearch(V, block_rows=37), ExactSearch(V, block_rows=37, query_block=2)):
+        rows, d = search.search(Q, 7, allowed, exclude)
+        expect_rows, expect_d = brute(Q, V, 7, allowed, exclude)
+        assert np.array_equal(rows, expect_rows)
+        np.testing.assert_allclose(d, expect_d, atol=1e-4)
+    search = ExactSearch(V)
+    search.sqnorms()  # known norms are used for the gathered rows too
+    assert np.array_equal(search.search(Q, 7, allowed, exclude)[0], expect_rows)
+
+
+def classes(n, n_classes=10, dim=24, seed=0):
+    """``(vectors, labels)``: well separated classes, each a few clusters."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    centers = rng.normal(size=(n_classes, 3, dim)) * 6
+    V = centers[labels, rng.integers(0, 3, n)] + 0.4 * rng.normal(size=(n, dim))
+    return V.astype(np.float32), labels
+
+
+def test_hnsw_scans_a_broad_filter_far_from_the_query_exactly():
+    V, labels = classes(6000)
+    ann = hnsw_over(V, filter_exact_max=100)
+    other = np.flatnonzero(labels == 3)  # ~600 rows: broad, but far from class-0 queries
+    queries = np.flatnonzero(labels == 0)[:5]
+    mask = np.zeros(len(V), bool)
+    mask[other] = True
+    assert ann._far(V[queries], mask, len(other)).all()
+    for k in (10, len(other) - 1):  # exactly k, equal to brute force, up to all but one
+        rows, d = ann.search(V[queries], k, other, queries)
+        expect_rows, expect_d = brute(V[queries], V, k, other, queries)
+        assert rows.shape == (5, k) and np.array_equal(rows, expect_rows)
+        np.testing.assert_allclose(d, expect_d, atol=1e-4)
+
+
+def test_hnsw_mixes_the_graph_and_the_scan_in_one_batch():
+    V, labels = classes(6000)
+    ann = hnsw_over(V, filter_exact_max=100)
+    allowed = np.flatnonzero(labels == 2)
+    inside, outside = np.flatnonzero(labels == 2)[:3], np.flatnonzero(labels == 5)[:3]
+    queries = np.concatenate([inside, outside])
+    mask = np.zeros(len(V), bool)
+    mask[allowed] = True
+    assert ann._far(V[queries], mask, len(allowed)).tolist() == [False] * 3 + [True] * 3
+    rows, d = ann.search(V[queries], 10, allowed, queries)
+    expect_rows, _ = brute(V[queries], V, 10, allowed, queries)
+    assert set(rows.ravel()) <= set(allowed) and not (rows == queries[:, None]).any()
+    assert np.array_equal(rows[3:], expect_rows[3:])  # scanned: exact
+    assert recall(rows[:3], expect_rows[:3]) >= 0.95  # through the graph
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
+def test_hnsw_scan_of_a_tiny_filter_pads_nothing():
+    V, labels = classes(3000)
+    ann = hnsw_over(V, filter_exact_max=1)
+    few = np.flatnonzero(labels == 4)[:3]
+    rows, d = ann._scan(V[:2], 3, few, None)
+    assert np.array_equal(np.sort(rows, axis=1), np.tile(few, (2, 1)))
+    assert np.isfinite(d).all()
+
+
+def test_hnsw_scan_split_over_threads_equals_brute_force(monkeypatch):
+    import fashionrec.search.hnsw as hnsw
+
+    monkeypatch.setattr(hnsw, "SCAN_THREADS", 3)
+    monkeypatch.setattr(hnsw, "SCAN_PART_MIN", 50)  # 3 parts of the allowed rows
+    V, labels = classes(4000)
+    ann = hnsw_over(V)
+    allowed = np.flatnonzero(labels % 3 == 1)
+    queries = np.array([0, 1, 2, 3])
+    for k in (1, 10, 60):
+        rows, d = ann._scan(V[queries], k, allowed, queries)
+        expect_rows, expect_d = brute(V[queries], V, k, allowed, queries)
+        assert np.array_equal(rows, expect_rows)
+        np.testing.assert_allclose(d, expect_d, atol=1e-4)
+    # a selective filter (<= filter_exact_max) is answered by the same scan: exactly
+    narrow = allowed[:40]
+    rows, _ = ann.search(V[queries], 40, narrow, queries)
+    assert np.array_equal(rows, brute(V[queries], V, 40, narrow, queries)[0][:, :rows.shape[1]])
+
+
 def test_hnsw_save_load_memory_mapped_same_answers(tmp_path):
     V = clustered(2000)
     ann = hnsw_over(V)

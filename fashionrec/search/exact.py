@@ -3,7 +3,8 @@ candidates re-measured in float64.
 
 The catalog is never converted as a whole: each block of rows is used in its own
 dtype (float32 for an index), multiplied with the queries in one matrix product and
-reduced to its best candidates. The ``k + margin`` best candidates of each query are
+reduced to its best candidates. A filter's rows are gathered the same way, a block
+at a time into one reused buffer, never copied out all at once. The ``k + margin`` best candidates of each query are
 then measured exactly (float64 differences), so the distances are true Euclidean
 distances and equal distances are listed by row, as a full ``cdist`` would give.
 """
@@ -17,6 +18,7 @@ from .base import SearchBackend, check_query, n_candidates, order_by_distance
 
 BLOCK_ELEMENTS = 1 << 23  # queries x rows compared at a time (32 MB of float32)
 MARGIN = 16  # candidates re-measured beyond k, against float32 rounding
+GATHER_ROWS = 4096  # allowed rows of a filter gathered at a time (8 MB of 512-d float32)
 
 
 class ExactSearch(SearchBackend):
@@ -71,20 +73,12 @@ class ExactSearch(SearchBackend):
         queries = check_query(queries, self.dim)
         if exclude is not None:
             exclude = np.asarray(exclude, dtype=np.int64)
-        if allowed is None:
-            vectors, norms = self.vectors, self.sqnorms()
-        else:  # a filter: search just those rows (their norms alone, if not known yet)
+        if allowed is not None:  # a filter: exclusions as positions among its rows
             allowed = np.asarray(allowed, dtype=np.int64)
-            vectors = np.asarray(self.vectors[allowed])
-            norms = self._sqnorms[allowed] if self._sqnorms is not None else np.einsum(
-                "ij,ij->i", vectors, vectors)
             if exclude is not None:
-                exclude = np.asarray(exclude, dtype=np.int64)
-                pos = np.minimum(np.searchsorted(allowed, exclude), max(len(allowed) - 1, 0))
-                hit = (exclude >= 0) & (len(allowed) > 0)
-                hit &= allowed[pos] == exclude if len(allowed) else hit
-                exclude = np.where(hit, pos, -1)
-        k = int(min(k, n_candidates(len(vectors), None, exclude)))
+                exclude = positions_in(allowed, exclude)
+        n = self.size if allowed is None else len(allowed)
+        k = int(min(k, n_candidates(n, None, exclude)))
         if k < 1:
             raise FashionrecError("the catalog has too few items for this query")
         m = len(queries)
@@ -93,28 +87,47 @@ class ExactSearch(SearchBackend):
         for q0 in range(0, m, self.query_block):
             q = queries[q0:q0 + self.query_block]
             ex = None if exclude is None else exclude[q0:q0 + self.query_block]
-            cand = self._candidates(q.astype(vectors.dtype, copy=False), vectors, norms,
-                                    min(len(vectors), k + MARGIN), ex)
-            d = true_distances(q, vectors, cand)
+            cand = self._candidates(q.astype(self.vectors.dtype, copy=False),
+                                    min(n, k + MARGIN), ex, allowed)
+            if allowed is not None:  # positions among the allowed rows -> rows
+                cand = allowed[cand]
+                if ex is not None:
+                    ex = np.where(ex >= 0, allowed[np.maximum(ex, 0)], -1)
+            d = true_distances(q, self.vectors, cand)
             if ex is not None:
                 d[cand == ex[:, None]] = np.inf
             r, dd = order_by_distance(cand, d, k)
             rows[q0:q0 + len(q)], dists[q0:q0 + len(q)] = r, dd
-        if allowed is not None:
-            rows = allowed[rows]
         return rows, dists
 
-    def _candidates(self, q, vectors, norms, kk, exclude):
-        """The ``kk`` rows of smallest ``‖x‖² − 2 q·x`` for each query."""
-        n, m = len(vectors), len(q)
+    def _block(self, start, stop, allowed, buf):
+        """Rows ``start:stop`` (of the catalog, or of ``allowed``) and their squared
+        norms; allowed rows are gathered into ``buf`` (one block at a time, never the
+        whole filter at once)."""
+        if allowed is None:
+            return np.asarray(self.vectors[start:stop]), self.sqnorms()[start:stop]
+        rows = allowed[start:stop]
+        x = np.take(self.vectors, rows, axis=0, out=buf[:len(rows)])
+        norms = self._sqnorms[rows] if self._sqnorms is not None else np.einsum(
+            "ij,ij->i", x, x)
+        return x, norms
+
+    def _candidates(self, q, kk, exclude, allowed=None):
+        """The ``kk`` positions (rows, or indices into ``allowed``) of smallest
+        ``‖x‖² − 2 q·x`` for each query."""
+        n, m = (self.size if allowed is None else len(allowed)), len(q)
         block = self.block_rows or max(1024, BLOCK_ELEMENTS // max(m, 1))
+        buf = None
+        if allowed is not None:
+            block = min(block, GATHER_ROWS)
+            buf = np.empty((min(block, n), self.dim), dtype=self.vectors.dtype)
         best_d = np.empty((m, 0), dtype=q.dtype)
         best_i = np.empty((m, 0), dtype=np.int64)
         for s in range(0, n, block):
-            x = np.asarray(vectors[s:s + block])
+            x, norms = self._block(s, s + block, allowed, buf)
             d = q @ x.T
             d *= -2
-            d += norms[s:s + len(x)]
+            d += norms
             if exclude is not None:
                 local = exclude - s
                 hit = (local >= 0) & (local < len(x))
@@ -130,6 +143,16 @@ class ExactSearch(SearchBackend):
                 best_d = np.take_along_axis(best_d, part, axis=1)
                 best_i = np.take_along_axis(best_i, part, axis=1)
         return best_i
+
+
+def positions_in(allowed, rows):
+    """The position of each of ``rows`` in the sorted ``allowed`` (``-1`` where a row
+    is ``-1`` or not allowed)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(allowed):
+        return np.full(rows.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(allowed, rows), len(allowed) - 1)
+    return np.where((rows >= 0) & (allowed[pos] == rows), pos, -1)
 
 
 def true_distances(queries, vectors, rows):
