@@ -45,9 +45,10 @@ CONSISTENCY = "Strong"
 HNSW = {"M": 16, "efConstruction": 200}
 EF_SEARCH = 128
 BATCH = 2000  # rows per insert request
-# a filter this selective that HNSW answers short is ranked exactly (Milvus answers a
-# query with at most 16,384 rows: its default max result window)
+# a filter that this many products or fewer match is ranked exactly, read in one query
+# (Milvus answers a query with at most 16,384 rows: its default max result window)
 EXACT_MAX = 16384
+EF_MAX = 4096  # the widest HNSW search a broad filter gets before it is ranked exactly
 PUBLISH_MAX_S = 600.0  # a publish's flag older than this is a publish that died
 ID_MAX, PATH_MAX, CATEGORY_MAX, STRING_MAX = 512, 4096, 2048, 4096
 FIELD_TYPES = {"string": "VARCHAR", "integer": "INT64", "float": "DOUBLE", "boolean": "BOOL"}
@@ -572,31 +573,69 @@ class MilvusCatalog:
         return " and ".join(f"({p})" for p in parts)
 
     def nearest(self, vector, k, expression):
-        """``[(record, distance)]``: the ``k`` nearest products matching ``expression``
-        (exactly ``k`` whenever as many match: a short HNSW answer to a selective
-        filter is ranked exactly)."""
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        hits = self._read("search", self.client.search,
-                          data=[vector.tolist()], limit=int(k), filter=expression,
-                          output_fields=self._fields, consistency_level=CONSISTENCY,
-                          search_params={"metric_type": "L2", "params": {
-                              "ef": max(self.store.ef_search, int(k))}})[0]
-        out = [(self._record(h["entity"] | {"pk": h.get("pk", h["entity"].get("pk"))}),
-                math.sqrt(max(float(h["distance"]), 0.0))) for h in hits]
-        if len(out) < k and (n := self.count(expression)) > len(out) and n <= EXACT_MAX:
-            out = self._exact(vector, k, expression)
-        return out
+        """``[(record, distance)]``: the ``k`` nearest products matching ``expression``,
+        exactly ``k`` whenever as many match.
 
-    def _exact(self, vector, k, expression):
-        rows = self._read("query", self.client.query, filter=expression or "pk != \"\"",
-                          output_fields=self._fields + ["vector"], limit=EXACT_MAX,
-                          consistency_level=CONSISTENCY)
-        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(-1,
-                                                                                   len(vector))
-        d = np.sqrt(np.maximum(((vectors - vector) ** 2).sum(1), 0.0))
-        order = np.argsort(d, kind="stable")[:k]
-        return [(self._record({k2: v for k2, v in rows[i].items() if k2 != "vector"}),
-                 float(d[i])) for i in order]
+        The local store's rule, in Milvus: a filter that at most :data:`EXACT_MAX`
+        products match is ranked exactly (their vectors read in one query: recall 1);
+        a broader one is searched in HNSW with ``ef`` widened by the share it keeps
+        (``ef_search / share``, at most :data:`EF_MAX`), then widened four-fold while
+        the answer is short; still short at :data:`EF_MAX` (a filter far from the
+        query), every match is ranked exactly."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        k, ef = int(k), max(self.store.ef_search, int(k))
+        if not expression:
+            return self._search(vector, k, expression, ef)
+        n = self.count(expression)
+        if n <= EXACT_MAX:
+            return self._exact(vector, k, expression, n) if n else []
+        share = n / max(len(self), n)
+        ef = min(max(math.ceil(ef / share), ef), EF_MAX)
+        while True:
+            out = self._search(vector, k, expression, ef)
+            if len(out) >= k:
+                return out
+            if ef >= EF_MAX:
+                return self._exact(vector, k, expression, n)
+            ef = min(ef * 4, EF_MAX)
+
+    def _search(self, vector, k, expression, ef):
+        hits = self._read("search", self.client.search,
+                          data=[vector.tolist()], limit=k, filter=expression,
+                          output_fields=self._fields, consistency_level=CONSISTENCY,
+                          search_params={"metric_type": "L2", "params": {"ef": int(ef)}})[0]
+        return [(self._record(h["entity"] | {"pk": h.get("pk", h["entity"].get("pk"))}),
+                 math.sqrt(max(float(h["distance"]), 0.0))) for h in hits]
+
+    def _exact(self, vector, k, expression, n):
+        """The ``k`` nearest of the ``n`` products matching ``expression``, ranked
+        exactly: read in one query up to :data:`EXACT_MAX`, else page by page (the
+        best ``k`` kept)."""
+        fields = self._fields + ["vector"]
+        if n <= EXACT_MAX:
+            pages = [self._read("query", self.client.query, filter=expression or "pk != \"\"",
+                                output_fields=fields, limit=EXACT_MAX,
+                                consistency_level=CONSISTENCY)]
+        else:
+            pages = self._pages(expression, fields)
+        best, best_d = [], np.empty(0, np.float32)
+        for rows in pages:
+            vectors = np.asarray([r["vector"] for r in rows], np.float32).reshape(-1, len(vector))
+            d = np.sqrt(np.maximum(((vectors - vector) ** 2).sum(1), 0.0))
+            best, best_d = best + rows, np.concatenate([best_d, d])
+            keep = np.argsort(best_d, kind="stable")[:k]
+            best, best_d = [best[i] for i in keep], best_d[keep]
+        return [(self._record({key: v for key, v in row.items() if key != "vector"}), float(d))
+                for row, d in zip(best, best_d, strict=True)]
+
+    def _pages(self, expression, fields):
+        it = self._read("read", self.client.query_iterator, batch_size=BATCH,
+                        filter=expression, output_fields=fields, consistency_level=CONSISTENCY)
+        try:
+            while batch := _call(self.uri, "read", it.next):
+                yield batch
+        finally:
+            it.close()
 
     def export(self, progress=False):
         """Every product with its vector, as a :class:`~fashionrec.index.CatalogIndex`
@@ -606,14 +645,10 @@ class MilvusCatalog:
         from .index import CatalogIndex
 
         rows = []
-        it = self._read("read", self.client.query_iterator,
-                        batch_size=BATCH, filter="", output_fields=self._fields + ["vector"],
-                        consistency_level=CONSISTENCY)
         with tqdm(desc="milvus read", unit="item", disable=not progress) as bar:
-            while batch := _call(self.uri, "read", it.next):
+            for batch in self._pages("", self._fields + ["vector"]):
                 rows += [self._record(r) for r in batch]
                 bar.update(len(batch))
-        it.close()
         rows.sort(key=lambda r: str(r["id"]))
         raw = {name: [r["attributes"].get(name) for r in rows] for name in self.schema}
         dim = len(rows[0]["vector"]) if rows else 0

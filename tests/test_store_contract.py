@@ -4,6 +4,7 @@ against a Milvus Lite server this module starts on 127.0.0.1). Add, remove, gene
 filters, exactly k, and reads while writes go on; then Milvus' alias switch."""
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -205,6 +206,41 @@ def test_milvus_publish_switches_the_alias_whole(milvus_uri):
     assert s.current() == second != first
     record = s.describe()
     assert record["uri"] == public_uri(milvus_uri) and record["index"]["type"] == "HNSW"
+
+
+def test_milvus_broad_filters_widen_hnsw_then_rank_exactly(milvus_uri, monkeypatch):
+    """Past :data:`EXACT_MAX` matches a filter is searched in HNSW with ``ef`` widened
+    by its share, then four-fold while the answer is short; short still at ``EF_MAX``
+    (a filter far from the query), every match is ranked exactly, page by page. The
+    catalog here is small, so the thresholds are lowered and HNSW's short answers to a
+    far filter are imitated by keeping half of what the server answers."""
+    from fashionrec import milvus
+
+    index, raw = catalog()
+    s = milvus.MilvusStore(milvus_uri, f"c_{uuid.uuid4().hex[:10]}", NAMES, SCHEMA, "str")
+    s.publish(index)
+    monkeypatch.setattr(milvus, "EXACT_MAX", 0)
+    monkeypatch.setattr(milvus, "EF_MAX", 1024)
+    monkeypatch.setattr(milvus, "BATCH", 7)  # several pages
+    real, efs = milvus.MilvusCatalog._search, []
+
+    def search(self, vector, k, expression, ef):
+        efs.append(ef)
+        return real(self, vector, k, expression, ef)
+    monkeypatch.setattr(milvus.MilvusCatalog, "_search", search)
+    vector = raw["vectors"][int(np.flatnonzero(raw["labels"] == 0)[0])]
+    totes = lambda r: raw["labels"][r] == 2  # noqa: E731
+    n_totes = int(sum(totes(r) for r in range(N)))
+    ids, _ = nearest(s, vector, 12, category="Totes")
+    assert ids == expected(raw, vector, 12, totes)
+    assert efs == [math.ceil(milvus.EF_SEARCH * N / n_totes)]  # widened by 1 / share
+
+    efs.clear()
+    monkeypatch.setattr(milvus.MilvusCatalog, "_search",
+                        lambda self, *a: search(self, *a)[: a[1] // 2])  # short answers
+    ids, _ = nearest(s, vector, 12, category="Totes")
+    assert ids == expected(raw, vector, 12, totes) and len(ids) == 12
+    assert efs[-1] == 1024 and all(b == min(a * 4, 1024) for a, b in zip(efs[:-1], efs[1:], strict=True))
 
 
 def test_milvus_unreachable_is_one_line(tmp_path):
