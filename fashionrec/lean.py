@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -232,7 +233,7 @@ class NumpyHead:
                                   f"({type(exc).__name__}: {exc})") from None
         state = read_json(state_path, "head file") if state_path is not None else None
         if state is not None and state.get("run_id") != run_id:
-            raise FashionrecError(f"{path} and {state_path} belong to two runs (an "
+            raise FashionrecError(f"{Path(path).parent} mixes files of two runs (an "
                                   f"interrupted save?); re-run `make train`")
         return cls(mean, scale, layers, embedding, run_id, state)
 
