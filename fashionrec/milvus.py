@@ -213,7 +213,9 @@ class MilvusStore(CatalogStore):
         """What ``run.json`` records (no credentials)."""
         return {"kind": "milvus", "uri": public_uri(self.uri), "collection": self.collection,
                 "current": self.target or self.current(), "metric": "L2", "consistency": CONSISTENCY,
-                "index": {"type": "HNSW", **HNSW}, "search": {"ef": self.ef_search}}
+                "index": {"type": "HNSW", **HNSW},
+                "search": {"ef": self.ef_search, "filter_exact_max": EXACT_MAX,
+                           "filter_ef_max": EF_MAX}}
 
     def current(self):
         """The collection the alias points at, or ``None``."""
@@ -572,9 +574,10 @@ class MilvusCatalog:
             parts.append(f"pk != {_quote(exclude)}")
         return " and ".join(f"({p})" for p in parts)
 
-    def nearest(self, vector, k, expression):
+    def nearest(self, vector, k, expression, n=None, total=None):
         """``[(record, distance)]``: the ``k`` nearest products matching ``expression``,
-        exactly ``k`` whenever as many match.
+        exactly ``k`` whenever as many match. ``n``: how many products match it and
+        ``total``: how many there are, where the caller knows (else counted when needed).
 
         The local store's rule, in Milvus: a filter that at most :data:`EXACT_MAX`
         products match is ranked exactly (their vectors read in one query: recall 1);
@@ -584,12 +587,13 @@ class MilvusCatalog:
         query), every match is ranked exactly."""
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         k, ef = int(k), max(self.store.ef_search, int(k))
-        if not expression:
-            return self._search(vector, k, expression, ef)
-        n = self.count(expression)
+        if expression and n is None:
+            n = self.count(expression)
+        if not expression or (total is not None and total - n <= 1):  # no filter, or only
+            return self._search(vector, k, expression, ef)  # the query's own product out
         if n <= EXACT_MAX:
             return self._exact(vector, k, expression, n) if n else []
-        share = n / max(len(self), n)
+        share = n / max(len(self) if total is None else total, n)
         ef = min(max(math.ceil(ef / share), ef), EF_MAX)
         while True:
             out = self._search(vector, k, expression, ef)

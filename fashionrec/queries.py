@@ -179,7 +179,8 @@ def _remote_nearest(index, class_names, info, vector, query_class, own_row, imag
         raise FashionrecError(f"k={k} is more than the catalog's {n} "
                               f"{'other ' if own is not None else ''}items")
     items = [item_at(index, class_names, r + 1, record, d)
-             for r, (record, d) in enumerate(index.nearest(vector, k, expression))]
+             for r, (record, d) in enumerate(index.nearest(
+                 vector, k, expression, n, None if wanted else n + (own is not None)))]
     return Recommendation(query=info, items=items, image=image)
 
 
