@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 
 def serve_copy(run_dir, run, key, **settings):
@@ -57,6 +58,26 @@ def start_server(argv, ready, what, timeout, env=None):
         assert time.monotonic() < deadline, f"{what} never became ready"
         time.sleep(0.2)
     return proc
+
+
+def is_ready(url):
+    """Whether the service at ``url`` answers ``/api/ready`` with 200."""
+    try:
+        with urllib.request.urlopen(url + "/api/ready", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def fashionrec_serve(run, *more, env=None, timeout=180):
+    """A ``fashionrec serve`` process of ``run`` on 127.0.0.1 (options ``more``) once
+    ``/api/ready`` says yes: ``(process, url)``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
+                         "--host", "127.0.0.1", "--port", str(port), *more],
+                        lambda: is_ready(url), "fashionrec serve", timeout, env)
+    return proc, url
 
 
 def milvus_lite(data_dir, port, timeout=60):

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import h5py
 import keras
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from catalogs import make_folder_catalog
 from conftest import TINY_MODEL
-from serving import free_port, start_server
+from serving import fashionrec_serve
 
 from fashionrec import ClassifierHead, FashionrecError, Recommender
 from fashionrec.catalog import Catalog
@@ -234,17 +233,7 @@ def test_serve_of_an_openvino_run_never_imports_tensorflow(ov_run, tmp_path):
     assert not needs_tensorflow(args)
     assert needs_tensorflow(build_parser().parse_args(["serve", "--run-dir", str(run),
                                                        "--engine-path", "keras"]))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            with urllib.request.urlopen(url + "/api/ready", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
-                         "--host", "127.0.0.1", "--port", str(port)], ready, "the server", 180)
+    proc, url = fashionrec_serve(run)
     try:
         photo = httpx.post(url + "/api/similar", data={"k": "5"}, timeout=60, files={
             "image": ("q.jpg", (shop / good[0]).read_bytes())}).json()

@@ -4,12 +4,10 @@ missing, unless FASHIONREC_REQUIRE_BROWSER=1 (CI sets it, after installing them)
 
 import os
 import shutil
-import sys
-import urllib.request
 
 import numpy as np
 import pytest
-from serving import free_port, start_server
+from serving import fashionrec_serve
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -51,17 +49,7 @@ def serve(run_dir, run):
     """``fashionrec serve`` of a copy of ``run_dir`` on 127.0.0.1: yields ``(url, run)``
     once ready, then stops it cleanly."""
     shutil.copytree(run_dir, run)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            with urllib.request.urlopen(url + "/api/ready", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run),
-                         "--host", "127.0.0.1", "--port", str(port)], ready, "the server", 180)
+    proc, url = fashionrec_serve(run)
     yield url, run
     proc.terminate()  # SIGTERM: a clean stop
     out, _ = proc.communicate(timeout=60)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from serving import free_port, milvus_lite, start_server, stop
+from serving import fashionrec_serve, free_port, milvus_lite, stop
 
 pytest.importorskip("milvus_lite")
 httpx = pytest.importorskip("httpx")
@@ -35,19 +36,9 @@ def _train(styles, run, seed, *more):
                  str(seed), "--run-dir", str(run), "--no-progress", *more]) == 0
 
 
-def _serve(run, port):
-    """A `fashionrec serve` process, once ``/api/ready`` says yes."""
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return httpx.get(f"{url}/api/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    env = {**os.environ, "FASHIONREC_API_KEY": KEY}
-    argv = [sys.executable, "-m", "fashionrec", "serve", "--run-dir", str(run), "--host",
-            "127.0.0.1", "--port", str(port)]
-    proc = start_server(argv, ready, "fashionrec serve", 180, env)
+def _serve(run):
+    """A `fashionrec serve` process of ``run`` with writes on, once ready, and a client."""
+    proc, url = fashionrec_serve(run, env={**os.environ, "FASHIONREC_API_KEY": KEY})
     return proc, httpx.Client(base_url=url, timeout=30)
 
 
@@ -78,7 +69,7 @@ def test_two_replicas_on_one_milvus_server(tmp_path):
         _train(styles, run, 1, "--store", "milvus", "--milvus-uri", uri, "--collection",
                "shop")
         assert json.loads((run / "run.json").read_text())["store"]["collection"] == "shop"
-        (pa, a), (pb, b) = _serve(run, free_port()), _serve(run, free_port())
+        (pa, a), (pb, b) = _serve(run), _serve(run)
         procs += [pa, pb]
         n = a.get("/api/stats").json()["items"]
 
@@ -125,6 +116,13 @@ def test_two_replicas_on_one_milvus_server(tmp_path):
             assert c.get("/api/health").status_code == 200
             _until(lambda c=c: c.get("/api/ready").status_code == 503, 10, "still ready")
             assert "Milvus" in c.get("/api/ready").json()["error"]
+        # a replica started while Milvus is down: one line that names the URI
+        late = subprocess.run([sys.executable, "-m", "fashionrec", "serve", "--run-dir",
+                               str(run), "--host", "127.0.0.1", "--port", str(free_port())],
+                              capture_output=True, text=True, timeout=300)
+        lines = late.stderr.strip().splitlines()
+        assert late.returncode == 1 and len(lines) == 1, late.stderr
+        assert lines[0].startswith(f"error: Milvus at {uri} is unreachable"), late.stderr
         milvus, _ = milvus_lite(data, port)
         for c in (a, b):
             _until(lambda c=c: c.get("/api/ready").status_code == 200, 60, "never recovered")
@@ -145,17 +143,7 @@ def test_metrics_add_up_over_workers(trained_run, tmp_path):
 
     _, run_dir = trained_run
     shutil.copytree(run_dir, tmp_path / "run")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return httpx.get(f"{url}/api/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    proc = start_server([sys.executable, "-m", "fashionrec", "serve", "--run-dir",
-                         str(tmp_path / "run"), "--host", "127.0.0.1", "--port", str(port),
-                         "--workers", "2"], ready, "fashionrec serve --workers 2", 240)
+    proc, url = fashionrec_serve(tmp_path / "run", "--workers", "2", timeout=240)
     try:
         ids = [i["id"] for i in httpx.get(f"{url}/api/items").json()["items"]]
         n, sent, deadline = 40, 0, time.monotonic() + 120
