@@ -110,6 +110,9 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_query.py
 	$(BIN)/python experiments/bench_update.py
 	$(BIN)/python experiments/bench_serve.py
+	$(BIN)/python experiments/bench_store.py
+	$(BIN)/python experiments/bench_replica.py
+	$(BIN)/python experiments/bench_replicas.py
 
 experiments: $(STAMP)
 	$(BIN)/python experiments/features.py --size 224

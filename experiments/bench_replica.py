@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from benchkit import free_port, matmul_gflops
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -54,14 +55,6 @@ def prepare_run(run_dir, image_size):
                     "--precision", "float32", "--run-dir", str(run_dir), "--no-progress"],
                    check=True, stdout=subprocess.DEVNULL)
     return run_dir
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid):
@@ -138,20 +131,6 @@ def start(run_dir, path, photo, item, timeout=600):
             "item": [[i["id"], i["distance"]] for i in item_answer["items"]]}
 
 
-def numpy_gemm_gflops(n=2048, repeats=5):
-    """Best float32 matmul rate of NumPy's BLAS (``n`` x ``n``), GFLOP/s."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
 def lscpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -209,7 +188,7 @@ def main():
         "machine": {"cpu": cpu_description(), "lscpu_model": lscpu_model(),
                     "cores": os.cpu_count(), "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg(),
-                    "numpy_float32_gemm_gflops": numpy_gemm_gflops()},
+                    "numpy_float32_gemm_gflops": matmul_gflops()},
         "run": {"dir": str(Path(args.run_dir).relative_to(ROOT)) if Path(
                     args.run_dir).resolve().is_relative_to(ROOT) else args.run_dir,
                 "catalog": "clothing-dataset-small (real photos)", "items": n_items,

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+from benchkit import free_port
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
@@ -83,12 +83,6 @@ def prepare_runs():
         Recommender.load(tmp).reindex("auto", progress=False, log=None)
         tmp.rename(big)
     return small, big, photo
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchkit import free_port
 
 HERE = Path(__file__).resolve().parent
 KEY = "faults-key"
@@ -69,12 +70,6 @@ def train_run(run):
     if out.returncode:
         raise SystemExit(f"training the tiny run failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return run
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(array):
