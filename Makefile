@@ -30,6 +30,7 @@ PORT       ?= 8000
 WORKERS    ?= 1
 N_HELDOUT  ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 DEMO_DIR   ?= data/demo-catalog
 DEMO_RUN   ?= runs/demo-catalog
 DEMO_SIZE  ?= 112
@@ -97,7 +98,7 @@ plot: $(STAMP)
 	$(BIN)/fashionrec plot --run-dir $(RUN_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
