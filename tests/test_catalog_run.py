@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from catalogs import CLASSES, draw_product, make_csv_catalog, make_folder_catalog
 from conftest import TINY_MODEL
+from models import same_answers
 
 from fashionrec import FashionrecError, Recommender
 from fashionrec import images as images_module
@@ -122,14 +123,11 @@ ROUND_TRIP = textwrap.dedent("""
 """)
 
 
-def same_answers(there, here):
+def same_run_answers(there, here):
     """The same products in the same order, the same distances up to float32 rounding
     (a fresh process of an OpenVINO run computes its head in NumPy, not Keras: 1e-4)."""
     assert there.keys() == here.keys()
-    for kind in here:
-        assert [i for i, _ in there[kind]] == [i for i, _ in here[kind]]
-        np.testing.assert_allclose([d for _, d in there[kind]], [d for _, d in here[kind]],
-                                   rtol=1e-5, atol=2e-4)
+    same_answers(there, here, here, atol=2e-4, rtol=1e-5)
 
 
 def test_round_trip_in_a_fresh_process(shop, tmp_path):
@@ -140,7 +138,7 @@ def test_round_trip_in_a_fresh_process(shop, tmp_path):
     proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(run_dir), BOOT, str(query)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    same_answers(json.loads(proc.stdout.strip().splitlines()[-1]), here)
+    same_run_answers(json.loads(proc.stdout.strip().splitlines()[-1]), here)
 
 
 def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
@@ -185,7 +183,7 @@ def test_add_then_remove_then_query(shop_copy, tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(run_dir), "new-b",
                            str(paths[0])], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    same_answers(json.loads(proc.stdout.strip().splitlines()[-1]), here)  # a fresh process
+    same_run_answers(json.loads(proc.stdout.strip().splitlines()[-1]), here)  # a fresh process
     again = rec.add(Catalog.from_files(paths[:2], ids=["new-a", "new-b"]), progress=False,
                     log=None)  # new-a was removed: it comes back; new-b is still there
     assert again["n_added"] == 1 and again["added"][0]["id"] == "new-a"

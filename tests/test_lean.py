@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from catalogs import make_folder_catalog
 from conftest import TINY_MODEL
+from models import same_answers
 from serving import fashionrec_serve
 
 from fashionrec import ClassifierHead, FashionrecError, Recommender
@@ -138,10 +139,7 @@ def answer(run, photo, item, **env):
 
 
 def assert_same_answers(a, b):
-    for kind in ("photo", "item"):
-        assert [i for i, _ in a[kind]] == [i for i, _ in b[kind]], kind
-        np.testing.assert_allclose([d for _, d in a[kind]], [d for _, d in b[kind]],
-                                   atol=1e-4, rtol=0)
+    same_answers(a, b, ("photo", "item"), atol=1e-4)
 
 
 def test_the_run_saves_its_numpy_head_and_backbone_ir(ov_run):

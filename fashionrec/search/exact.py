@@ -4,8 +4,8 @@ candidates re-measured in float64.
 The catalog is never converted as a whole: each block of rows is used in its own
 dtype (float32 for an index), multiplied with the queries in one matrix product and
 reduced to its best candidates. A filter's rows are gathered the same way, a block
-at a time into one reused buffer, never copied out all at once. The ``k + margin`` best candidates of each query are
-then measured exactly (float64 differences), so the distances are true Euclidean
+at a time into one reused buffer, never copied out all at once. The ``k + margin``
+best candidates of each query are then measured exactly (float64 differences), so the distances are true Euclidean
 distances and equal distances are listed by row, as a full ``cdist`` would give.
 """
 
